@@ -1,0 +1,598 @@
+"""The sans-I/O frame codec: frames to msgpack bytes and back; no sockets, no HTTP, no asyncio.
+
+Encoding never copies an array's payload: `encode_frame_parts` returns the frame's header
+bytes and the array's own memory as separate buffers, for a vectored write.
+
+Decoding is incremental (`FrameDecoder.feed`, then `frames()`). Small frames go through
+`msgpack.Unpacker`, which is fastest for them. A frame that grows past `SPILL_THRESHOLD`
+while incomplete has its header parsed on its own; its payload is then written straight
+into the array that will be returned, either by `feed` (one copy) or by a reader that
+asks `get_buffer()` for the memory to `recv_into` (no copy at all).
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections import deque
+from collections.abc import Iterator
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from ._exceptions import FrameTooLarge, LocalProtocolError, ProtocolError, RemoteProtocolError
+from ._frames import DataFrame, EndFrame, ErrorFrame, Frame, HeartbeatFrame
+
+__all__ = [
+    "DEFAULT_MAX_FRAME_SIZE",
+    "MEDIA_TYPE",
+    "FrameDecoder",
+    "check_dtype",
+    "encode_data_parts",
+    "encode_frame",
+    "encode_frame_parts",
+]
+
+#: Media type of a stream body.
+MEDIA_TYPE = "application/x-msgpack"
+#: Default limit on one frame's size in bytes (256 MiB: a 10 MB camera frame is far below it).
+DEFAULT_MAX_FRAME_SIZE = 256 * 1024 * 1024
+#: An incomplete frame this large gets its payload written directly into its array.
+SPILL_THRESHOLD = 64 * 1024
+#: `feed` hands msgpack at most this much at once, so its buffer stays bounded.
+_FEED_SLICE = 1024 * 1024
+#: Bytes a frame may have besides its payload (keys, dtype, shape, error text).
+_MAX_HEADER = 64 * 1024
+
+# dtype kinds that survive `dtype.str` exactly: bool, ints, floats, complex,
+# datetimes and timedeltas, fixed-width byte and unicode strings.
+_DTYPE_KINDS = frozenset("biufcmMSU")
+_DTYPE_RE = re.compile(r"[<>|=]?[biufcmMSU]\d{1,5}(\[\d*[A-Za-z]{1,2}\])?")
+_dtype_cache: dict[str, np.dtype[Any]] = {}
+
+
+def check_dtype(dtype: Any) -> np.dtype[Any]:
+    """The numpy dtype named by `dtype` if the wire format can carry it, else `ValueError`.
+
+    Object, structured (void) and zero-size dtypes are refused: their `dtype.str` does
+    not describe them, and nothing is ever pickled.
+    """
+    if isinstance(dtype, str):
+        cached = _dtype_cache.get(dtype)
+        if cached is not None:
+            return cached
+        if not _DTYPE_RE.fullmatch(dtype):
+            raise ValueError(f"unsupported dtype {dtype!r}")
+        try:
+            dt = np.dtype(dtype)
+        except Exception as exc:
+            raise ValueError(f"unsupported dtype {dtype!r}: {exc}") from None
+    else:
+        dt = np.dtype(dtype)
+    if dt.kind not in _DTYPE_KINDS or dt.itemsize == 0 or dt.fields is not None:
+        raise ValueError(f"unsupported dtype {dt.str!r} (kind {dt.kind!r})")
+    if isinstance(dtype, str) and len(_dtype_cache) < 1024:
+        _dtype_cache[dtype] = dt
+    return dt
+
+
+# -- encoding ---------------------------------------------------------------------------
+
+_pack = msgpack.Packer(use_bin_type=True).pack
+_K_SEQ = _pack("seq")
+_K_DATA = _pack("data")
+_header_cache: dict[tuple[str, tuple[int, ...], int | None], tuple[bytes, bytes]] = {}
+
+
+def _bin_header(n: int) -> bytes:
+    if n < 0x100:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 0x10000:
+        return b"\xc5" + n.to_bytes(2, "big")
+    if n < 0x100000000:
+        return b"\xc6" + n.to_bytes(4, "big")
+    raise LocalProtocolError(f"payload of {n} bytes is over msgpack's 4 GiB bin limit")
+
+
+def _array_headers(
+    dt: np.dtype[Any], shape: tuple[int, ...], count: int | None
+) -> tuple[bytes, bytes]:
+    """(map header up to the `seq` value, `data` key and bin header) for this layout; cached."""
+    key = (dt.str, shape, count)
+    cached = _header_cache.get(key)
+    if cached is not None:
+        return cached
+    entries = 5 if count is None else 6
+    prefix = bytes([0x80 | entries]) + _pack("kind") + _pack("data")
+    prefix += _pack("dtype") + _pack(dt.str) + _pack("shape") + _pack(list(shape))
+    if count is not None:
+        prefix += _pack("count") + _pack(count)
+    nbytes = dt.itemsize
+    for n in shape:
+        nbytes *= n
+    headers = (prefix + _K_SEQ, _K_DATA + _bin_header(nbytes))
+    if len(_header_cache) < 4096:
+        _header_cache[key] = headers
+    return headers
+
+
+_BYTES_PREFIX = b"\x83" + _pack("kind") + _pack("data") + _K_SEQ
+
+
+def encode_data_parts(seq: int, data: Any, count: int | None = None) -> list[bytes | memoryview]:
+    """The buffers of one data frame: `[header, payload]`, the payload not copied.
+
+    Args:
+        seq: stream position of the (first) item.
+        data: an `np.ndarray` (made C-contiguous if it is not: one copy), or bytes-like.
+        count: for a batched frame, the number of items stacked on axis 0 of `data`.
+
+    Raises:
+        LocalProtocolError: an unsupported dtype, a bad `count`, or not an array/bytes.
+    """
+    if isinstance(data, np.generic):  # a numpy scalar travels as a 0-d array
+        data = np.asarray(data)
+    if isinstance(data, np.ndarray):
+        try:
+            dt = check_dtype(data.dtype)
+        except ValueError as exc:
+            raise LocalProtocolError(str(exc), key="dtype") from None
+        if count is not None and (data.ndim == 0 or data.shape[0] != count):
+            raise LocalProtocolError(
+                f"batched frame of count {count} needs shape ({count}, ...), got {data.shape}",
+                key="count",
+            )
+        if not data.flags.c_contiguous:
+            data = np.ascontiguousarray(data)
+        prefix, bin_header = _array_headers(dt, data.shape, count)
+        payload = memoryview(data.reshape(-1).view(np.uint8))
+        return [prefix + _pack(seq) + bin_header, payload]
+    if count is not None:
+        raise LocalProtocolError("only arrays can be batched", key="count")
+    if isinstance(data, bytes | bytearray | memoryview):
+        view = memoryview(data)
+        if view.ndim != 1 or view.itemsize != 1:
+            view = view.cast("B")
+        return [_BYTES_PREFIX + _pack(seq) + _K_DATA + _bin_header(view.nbytes), view]
+    raise LocalProtocolError(
+        f"a data item must be an np.ndarray, bytes or bytearray, not {type(data).__name__}",
+        key="data",
+    )
+
+
+def encode_frame_parts(frame: Frame) -> list[bytes | memoryview]:
+    """The buffers of one frame, payload not copied; `b"".join(...)` them to get its bytes."""
+    if isinstance(frame, DataFrame):
+        return encode_data_parts(frame.seq, frame.data, frame.count)
+    return [encode_frame(frame)]
+
+
+def encode_frame(frame: Frame) -> bytes:
+    """The msgpack bytes of one frame (a map that plain `msgpack.unpackb` reads)."""
+    if isinstance(frame, DataFrame):
+        return b"".join(encode_data_parts(frame.seq, frame.data, frame.count))
+    if isinstance(frame, EndFrame):
+        return _pack({"kind": "end", "seq": frame.seq})
+    if isinstance(frame, ErrorFrame):
+        return _pack(
+            {
+                "kind": "error",
+                "seq": frame.seq,
+                "origin": frame.origin,
+                "type": frame.type,
+                "message": frame.message,
+                "traceback": frame.traceback,
+            }
+        )
+    if isinstance(frame, HeartbeatFrame):
+        return _HEARTBEAT
+    raise LocalProtocolError(f"not a frame: {type(frame).__name__}")
+
+
+_HEARTBEAT = _pack({"kind": "heartbeat"})
+
+
+# -- decoding ---------------------------------------------------------------------------
+
+
+def _field(d: dict[str, Any], key: str, types: type | tuple[type, ...], index: int) -> Any:
+    try:
+        value = d[key]
+    except KeyError:
+        raise RemoteProtocolError("missing key", frame_index=index, key=key) from None
+    if not isinstance(value, types) or isinstance(value, bool) and types is int:
+        raise RemoteProtocolError(
+            f"ill-typed value {type(value).__name__}", frame_index=index, key=key
+        )
+    return value
+
+
+def _seq(d: dict[str, Any], index: int) -> int:
+    seq = d.get("seq")
+    if type(seq) is not int or seq < 0:
+        if seq is None and "seq" not in d:
+            raise RemoteProtocolError("missing key", frame_index=index, key="seq")
+        raise RemoteProtocolError(
+            f"seq must be a non-negative integer, got {seq!r}", frame_index=index, key="seq"
+        )
+    return seq
+
+
+def _array_layout(
+    d: dict[str, Any], nbytes: int, index: int
+) -> tuple[np.dtype[Any], tuple[int, ...], int | None]:
+    """Check a data frame's dtype/shape/count against its payload length."""
+    dtype = d["dtype"]
+    if not isinstance(dtype, str):
+        raise RemoteProtocolError(
+            f"ill-typed value {type(dtype).__name__}", frame_index=index, key="dtype"
+        )
+    try:
+        dt = check_dtype(dtype)
+    except ValueError as exc:
+        raise RemoteProtocolError(str(exc), frame_index=index, key="dtype") from None
+    shape = _field(d, "shape", list, index)
+    if len(shape) > 32 or not all(type(n) is int and n >= 0 for n in shape):
+        raise RemoteProtocolError(
+            f"shape must be a list of at most 32 non-negative integers, got {shape!r}"[:200],
+            frame_index=index,
+            key="shape",
+        )
+    count = d.get("count")
+    if count is not None and (type(count) is not int or not shape or shape[0] != count):
+        raise RemoteProtocolError(
+            f"count {count!r} does not match the leading axis of shape {shape}",
+            frame_index=index,
+            key="count",
+        )
+    expected = dt.itemsize
+    for n in shape:
+        expected *= n
+    if expected != nbytes:
+        raise RemoteProtocolError(
+            f"{nbytes} data bytes, but dtype {dt.str} and shape {shape} need {expected}",
+            frame_index=index,
+            key="data",
+        )
+    return dt, tuple(shape), count
+
+
+class _Payload:
+    """A large data frame whose payload is being written into its final buffer."""
+
+    __slots__ = ("buffer", "count", "dtype", "filled", "seq", "shape", "view")
+
+    def __init__(self, header: dict[str, Any], nbytes: int, index: int) -> None:
+        self.seq = _seq(header, index)
+        if "dtype" in header:
+            self.dtype, self.shape, self.count = _array_layout(header, nbytes, index)
+            self.buffer: Any = np.empty(nbytes, dtype=np.uint8)
+        else:
+            self.dtype = None
+            self.buffer = bytearray(nbytes)
+        self.view = memoryview(self.buffer)
+        self.filled = 0
+
+    def frame(self) -> DataFrame:
+        if self.dtype is None:
+            return DataFrame(self.seq, bytes(self.buffer))
+        array = self.buffer.view(self.dtype).reshape(self.shape)
+        return DataFrame(self.seq, array, self.count)
+
+
+class FrameDecoder:
+    """Incremental decoder: bytes in (any chunking), frames out.
+
+    ```python
+    decoder = FrameDecoder()
+    for chunk in chunks:
+        decoder.feed(chunk)
+        for frame in decoder.frames():
+            ...
+    decoder.feed_eof()       # raises if the body stopped inside a frame
+    ```
+
+    A reader that can write into memory (`socket.recv_into`) asks `get_buffer()` first:
+    while a large payload is pending it returns the memory where the next bytes go, and
+    `buffer_updated(n)` records them, without any copy.
+
+    Frames that break the format raise a `RemoteProtocolError` naming the frame index and
+    key, from `frames()`, after every good frame before them; the decoder then refuses
+    further input with the same error.
+
+    Args:
+        max_frame_size: largest accepted frame in bytes; a frame announcing more is
+            refused (`FrameTooLarge`) before its payload is buffered.
+    """
+
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+        if max_frame_size < 1:
+            raise ValueError("max_frame_size must be positive")
+        self.max_frame_size = max_frame_size
+        #: frames completed so far (heartbeats included): the index of the next frame
+        self.frame_index = 0
+        self._ready: deque[Frame] = deque()
+        self._error: ProtocolError | None = None
+        self._payload: _Payload | None = None
+        self._new_unpacker()
+
+    def _new_unpacker(self) -> None:
+        limit = self.max_frame_size
+        self._unpacker = msgpack.Unpacker(
+            raw=False,
+            max_buffer_size=limit + _FEED_SLICE,
+            max_bin_len=self.max_frame_size,
+            max_str_len=limit,
+            max_array_len=limit,
+            max_map_len=limit,
+            max_ext_len=limit,
+        )
+        self._fed = 0  # bytes fed to this unpacker
+        self._boundary = 0  # offset where its current (incomplete) frame starts
+        self._partial = bytearray()  # that frame's bytes so far, for a spill
+        self._spill = True  # whether that frame may still spill
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def has_partial(self) -> bool:
+        """Whether bytes of an incomplete frame are held (a cut-off stream, if it ends now)."""
+        return self._payload is not None or self._fed > self._boundary
+
+    def feed_eof(self) -> None:
+        """Declare the end of input.
+
+        Raises:
+            RemoteProtocolError: the input stopped inside a frame (it was cut off).
+        """
+        if self._error is not None:
+            raise self._error
+        if self.has_partial:
+            self._fail(
+                RemoteProtocolError(
+                    "input ended inside a frame (truncated)", frame_index=self.frame_index
+                )
+            )
+            assert self._error is not None
+            raise self._error
+
+    def _fail(self, error: ProtocolError) -> None:
+        if self._error is None:
+            self._error = error
+        self._payload = None
+        self._partial = bytearray()
+
+    # -- input ---------------------------------------------------------------------------
+
+    def get_buffer(self) -> memoryview | None:
+        """Memory to write the next input bytes into, while a large payload is pending."""
+        payload = self._payload
+        if payload is None or self._error is not None:
+            return None
+        return payload.view[payload.filled :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """Record that `nbytes` bytes were written at the start of `get_buffer()`."""
+        payload = self._payload
+        if payload is None:
+            raise RuntimeError("buffer_updated() without a pending payload")
+        payload.filled += nbytes
+        if payload.filled == len(payload.view):
+            self._finish_payload()
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Add input bytes; complete frames become available from `frames()`.
+
+        Raises:
+            RemoteProtocolError: the decoder already failed (the same error again).
+        """
+        if self._error is not None:
+            raise self._error
+        view = memoryview(data)
+        if view.ndim != 1 or view.itemsize != 1:
+            view = view.cast("B")
+        pos, end = 0, len(view)
+        while pos < end and self._error is None:
+            payload = self._payload
+            if payload is not None:
+                n = min(end - pos, len(payload.view) - payload.filled)
+                payload.view[payload.filled : payload.filled + n] = view[pos : pos + n]
+                pos += n
+                payload.filled += n
+                if payload.filled == len(payload.view):
+                    self._finish_payload()
+                continue
+            piece = view[pos : pos + _FEED_SLICE]
+            pos += len(piece)
+            self._feed_unpacker(piece)
+
+    def _finish_payload(self) -> None:
+        assert self._payload is not None
+        self._ready.append(self._payload.frame())
+        self._payload = None
+        self.frame_index += 1
+        self._new_unpacker()
+
+    def _feed_unpacker(self, piece: memoryview) -> None:
+        try:
+            self._unpacker.feed(piece)
+        except Exception:  # BufferFull: a frame over the limit
+            self._fail(self._too_large())
+            return
+        start = self._fed
+        self._fed += len(piece)
+        unpacker = self._unpacker
+        while True:
+            try:
+                obj = unpacker.unpack()
+            except msgpack.OutOfData:
+                break
+            except Exception as exc:  # msgpack raises several types for bad input
+                if "exceeds max_" in str(exc):  # a length over the limits set above
+                    self._fail(self._too_large())
+                else:
+                    self._fail(
+                        RemoteProtocolError(
+                            f"malformed msgpack: {exc}", frame_index=self.frame_index
+                        )
+                    )
+                return
+            end = unpacker.tell()
+            if end - self._boundary > self.max_frame_size:
+                self._fail(self._too_large(end - self._boundary))
+                return
+            self._boundary = end
+            try:
+                frame = self._to_frame(obj)
+            except ProtocolError as exc:
+                self._fail(exc)
+                return
+            self._ready.append(frame)
+            self.frame_index += 1
+            self._partial = bytearray()
+            self._spill = True
+        if self._fed - self._boundary > self.max_frame_size:
+            self._fail(self._too_large())
+            return
+        if self._fed > self._boundary and self._spill:
+            # Keep a copy of the incomplete frame's bytes, in case it is a large one.
+            self._partial += piece[max(0, self._boundary - start) :]
+            if len(self._partial) >= SPILL_THRESHOLD:
+                self._try_spill()
+
+    def _too_large(self, size: int | None = None) -> FrameTooLarge:
+        what = "frame" if size is None else f"frame of {size} bytes"
+        return FrameTooLarge(
+            f"{what} exceeds the {self.max_frame_size}-byte frame size limit",
+            frame_index=self.frame_index,
+        )
+
+    def _try_spill(self) -> None:
+        """Parse the pending frame's header; if it ends with a bin payload, go direct."""
+        raw = bytes(self._partial)
+        header, payload_at, nbytes = _parse_header(raw)
+        if header is None:
+            # Not a frame whose payload comes last: msgpack buffers it (bounded by the limit).
+            self._spill = False
+            self._partial = bytearray()
+            return
+        if payload_at + nbytes > self.max_frame_size:
+            self._fail(self._too_large(payload_at + nbytes))
+            return
+        kind = header.get("kind")
+        if kind != "data":
+            # Only data frames carry big payloads; let the normal path name the fault.
+            self._spill = False
+            self._partial = bytearray()
+            return
+        try:
+            payload = _Payload(header, nbytes, self.frame_index)
+        except ProtocolError as exc:
+            self._fail(exc)
+            return
+        have = raw[payload_at : payload_at + nbytes]
+        payload.view[: len(have)] = have
+        payload.filled = len(have)
+        rest = raw[payload_at + nbytes :]
+        self._payload = payload
+        self._new_unpacker()
+        if payload.filled == nbytes:
+            self._finish_payload()
+        if rest:
+            self.feed(rest)
+
+    # -- output --------------------------------------------------------------------------
+
+    def frames(self) -> Iterator[Frame]:
+        """Yield the complete frames decoded so far; then raise the error, if any."""
+        ready = self._ready
+        while ready:
+            yield ready.popleft()
+        if self._error is not None:
+            raise self._error
+
+    def next_frame(self) -> Frame | None:
+        """The next complete frame, or `None` if none is ready (raises on error)."""
+        if self._ready:
+            return self._ready.popleft()
+        if self._error is not None:
+            raise self._error
+        return None
+
+    def _to_frame(self, obj: Any) -> Frame:
+        index = self.frame_index
+        if type(obj) is not dict:
+            raise RemoteProtocolError(
+                f"a frame must be a msgpack map, got {type(obj).__name__}", frame_index=index
+            )
+        kind = obj.get("kind")
+        if kind == "data":
+            data = obj.get("data")
+            if type(data) is not bytes:
+                if "data" not in obj:
+                    raise RemoteProtocolError("missing key", frame_index=index, key="data")
+                raise RemoteProtocolError(
+                    f"data must be msgpack bin, got {type(data).__name__}",
+                    frame_index=index,
+                    key="data",
+                )
+            seq = _seq(obj, index)
+            if "dtype" not in obj:
+                if "shape" in obj or "count" in obj:
+                    raise RemoteProtocolError(
+                        "shape/count without dtype", frame_index=index, key="dtype"
+                    )
+                return DataFrame(seq, data)
+            dt, shape, count = _array_layout(obj, len(data), index)
+            # bytearray makes the array writable, in one copy of a small payload.
+            array = np.frombuffer(bytearray(data), dtype=dt).reshape(shape)
+            return DataFrame(seq, array, count)
+        if kind == "heartbeat":
+            return HeartbeatFrame()
+        if kind == "end":
+            return EndFrame(_seq(obj, index))
+        if kind == "error":
+            return ErrorFrame(
+                seq=_seq(obj, index),
+                origin=_field(obj, "origin", str, index),
+                type=_field(obj, "type", str, index),
+                message=_field(obj, "message", str, index),
+                traceback=_field(obj, "traceback", str, index) if "traceback" in obj else "",
+            )
+        if "kind" not in obj:
+            raise RemoteProtocolError("missing key", frame_index=index, key="kind")
+        raise RemoteProtocolError(f"unknown kind {kind!r}"[:200], frame_index=index, key="kind")
+
+
+_BIN_LEN = {0xC4: (1, ">B"), 0xC5: (2, ">H"), 0xC6: (4, ">I")}
+
+
+def _parse_header(raw: bytes) -> tuple[dict[str, Any] | None, int, int]:
+    """Header of a frame whose last key is `data` with a bin value.
+
+    Returns `(header, payload offset, payload length)`, or `(None, 0, 0)` if the frame
+    is not of that shape or its header is not complete within `raw`.
+    """
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(raw), 1))
+    unpacker.feed(raw[:_MAX_HEADER])
+    try:
+        n = unpacker.read_map_header()
+        header: dict[str, Any] = {}
+        for i in range(n):
+            key = unpacker.unpack()
+            if key == "data":
+                if i != n - 1:
+                    return None, 0, 0
+                at = unpacker.tell()
+                size = _BIN_LEN.get(raw[at]) if at < len(raw) else None
+                if size is None or at + 1 + size[0] > len(raw):
+                    return None, 0, 0
+                (nbytes,) = struct.unpack_from(size[1], raw, at + 1)
+                return header, at + 1 + size[0], nbytes
+            if type(key) is not str:
+                return None, 0, 0
+            header[key] = unpacker.unpack()
+    except Exception:  # incomplete or malformed: the normal path will say what is wrong
+        return None, 0, 0
+    return None, 0, 0

@@ -1,0 +1,259 @@
+"""The whole ndrelay exception tree, in one place.
+
+```
+NDRelayError
+├─ ProtocolError             (abstract; .status_hint, .frame_index, .key)
+│  ├─ LocalProtocolError     we were asked to encode an invalid frame
+│  └─ RemoteProtocolError    the peer sent bad msgpack, an oversize, ill-formed or cut-off frame
+│     └─ FrameTooLarge       a frame over the configured size limit (413)
+├─ TransportError            client side; wraps httpx/socket errors, names the URL
+│  ├─ ConnectError
+│  ├─ RelayTimeout
+│  └─ StreamInterrupted      the response ended before an `end` or `error` frame
+├─ StreamError
+│  ├─ StreamNotFound         404
+│  ├─ StreamClosed           409: upload to a finished stream
+│  ├─ StreamConflict         409: create with a different definition
+│  ├─ SchemaMismatch         422: dtype/shape against the stream's declared schema
+│  └─ RemoteError            an `error` frame arrived; also subclasses the matching builtin
+├─ AuthError                 401
+└─ RegistryError             backend failure; too many streams
+```
+
+Only the leaves are raised. Nothing here ever unpickles or evaluates remote data:
+a remote exception is rebuilt from its type *name*, message and traceback text.
+"""
+
+from __future__ import annotations
+
+import builtins
+from typing import Any
+
+__all__ = [
+    "AuthError",
+    "ConnectError",
+    "FrameTooLarge",
+    "LocalProtocolError",
+    "NDRelayError",
+    "ProtocolError",
+    "RegistryError",
+    "RelayTimeout",
+    "RemoteError",
+    "RemoteProtocolError",
+    "SchemaMismatch",
+    "StreamClosed",
+    "StreamConflict",
+    "StreamError",
+    "StreamInterrupted",
+    "StreamNotFound",
+    "TransportError",
+]
+
+
+class NDRelayError(Exception):
+    """Base class of every error ndrelay raises."""
+
+
+class ProtocolError(NDRelayError):
+    """A frame broke the wire format (DESIGN.md §2). Abstract: only subclasses are raised.
+
+    Attributes:
+        frame_index: index of the offending frame in its stream or upload body, if known.
+        key: the map key at fault, if any.
+        status_hint: the HTTP status a server answers with for this error.
+    """
+
+    status_hint = 400
+
+    def __init__(
+        self, message: str, *, frame_index: int | None = None, key: str | None = None
+    ) -> None:
+        if type(self) is ProtocolError:
+            raise TypeError("ProtocolError is abstract; raise a subclass")
+        self.reason = message
+        self.frame_index = frame_index
+        self.key = key
+        where = []
+        if frame_index is not None:
+            where.append(f"frame {frame_index}")
+        if key is not None:
+            where.append(f"key {key!r}")
+        super().__init__(f"{', '.join(where)}: {message}" if where else message)
+
+
+class LocalProtocolError(ProtocolError):
+    """We were asked to encode something the wire format cannot carry."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent bytes that are not a valid frame stream."""
+
+
+class FrameTooLarge(RemoteProtocolError):
+    """A frame is larger than the configured limit."""
+
+    status_hint = 413
+
+
+class TransportError(NDRelayError):
+    """A client-side network failure; `url` names the endpoint."""
+
+    def __init__(self, message: str, *, url: str | None = None) -> None:
+        self.url = url
+        super().__init__(f"{message} ({url})" if url else message)
+
+
+class ConnectError(TransportError):
+    """The relay could not be reached."""
+
+
+class RelayTimeout(TransportError):
+    """A network operation timed out."""
+
+
+class StreamInterrupted(TransportError):
+    """A stream response ended before its `end` or `error` frame: it was cut off."""
+
+
+class StreamError(NDRelayError):
+    """Something is wrong with a named stream; `stream_name` says which."""
+
+    status_hint = 400
+
+    def __init__(self, message: str, *, stream_name: str | None = None) -> None:
+        self.stream_name = stream_name
+        super().__init__(message)
+
+
+class StreamNotFound(StreamError):
+    """No stream of that name."""
+
+    status_hint = 404
+
+
+class StreamClosed(StreamError):
+    """The stream has finished (`end` or `error`) and accepts no more items."""
+
+    status_hint = 409
+
+
+class StreamConflict(StreamError):
+    """The stream exists with a different definition."""
+
+    status_hint = 409
+
+
+class SchemaMismatch(StreamError):
+    """An array does not match the stream's declared dtype/shape."""
+
+    status_hint = 422
+
+
+class AuthError(NDRelayError):
+    """Missing or wrong bearer token."""
+
+    status_hint = 401
+
+
+class RegistryError(NDRelayError):
+    """The registry backend failed or refused (e.g. too many streams)."""
+
+    status_hint = 503
+
+
+class RemoteError(StreamError):
+    """The remote stream failed: an `error` frame arrived.
+
+    Built with `RemoteError.from_frame(...)`, the instance is also an instance of the
+    builtin exception the remote type names, so `except ValueError:` still catches a
+    producer's `ValueError`.
+
+    Attributes:
+        remote_type: the remote exception's type name, e.g. `"ValueError"`.
+        remote_message: its message.
+        remote_traceback: its formatted traceback text (may be empty).
+        origin: `"producer"` (the producer's iterator raised) or `"relay"`
+            (the stream was deleted, the server is shutting down, ...).
+        seq: the stream position at which it failed.
+    """
+
+    remote_type: str
+    remote_message: str
+    remote_traceback: str
+    origin: str
+    seq: int | None
+
+    @classmethod
+    def from_frame(
+        cls,
+        *,
+        type: str,
+        message: str,
+        traceback: str = "",
+        origin: str = "producer",
+        seq: int | None = None,
+        stream_name: str | None = None,
+    ) -> RemoteError:
+        """Build the exception for an `error` frame, mixing in the matching builtin."""
+        exc_cls = _remote_class(type)
+        try:
+            exc = exc_cls.__new__(exc_cls)
+        except TypeError:  # a builtin whose __new__ wants arguments
+            exc = RemoteError.__new__(RemoteError)
+        text = f"{type}: {message}" if message else type
+        if origin != "producer":
+            text = f"{text} (origin: {origin})"
+        # Initialise both bases by hand: a builtin's own __init__ may want other args
+        # (UnicodeDecodeError, say), and nothing remote is trusted to build it.
+        Exception.__init__(exc, text)
+        exc.stream_name = stream_name
+        exc.remote_type = type
+        exc.remote_message = message
+        exc.remote_traceback = traceback
+        exc.origin = origin
+        exc.seq = seq
+        return exc
+
+    def __str__(self) -> str:
+        text = str(self.args[0]) if self.args else ""
+        if getattr(self, "remote_traceback", ""):
+            text += "\n\nRemote traceback:\n" + self.remote_traceback.rstrip()
+        return text
+
+
+_remote_classes: dict[str, type[RemoteError]] = {}
+
+# Builtins whose semantics make a mixed-in subclass misleading: a remote StopIteration
+# must not end the local loop quietly, and exception groups want sub-exceptions.
+_NOT_MIXED = {
+    "BaseException",
+    "BaseExceptionGroup",
+    "Exception",
+    "ExceptionGroup",
+    "GeneratorExit",
+    "KeyboardInterrupt",
+    "StopAsyncIteration",
+    "StopIteration",
+    "SystemExit",
+}
+
+
+def _remote_class(type_name: str) -> type[RemoteError]:
+    """`RemoteError`, or a cached subclass of it and the builtin named `type_name`."""
+    cached = _remote_classes.get(type_name)
+    if cached is not None:
+        return cached
+    builtin: Any = getattr(builtins, type_name, None)
+    result: type[RemoteError] = RemoteError
+    if (
+        isinstance(builtin, type)
+        and issubclass(builtin, Exception)
+        and type_name not in _NOT_MIXED
+        and not issubclass(builtin, NDRelayError)
+    ):
+        try:
+            result = type(f"Remote{type_name}", (RemoteError, builtin), {})
+        except TypeError:  # incompatible instance layout: plain RemoteError
+            result = RemoteError
+    _remote_classes[type_name] = result
+    return result

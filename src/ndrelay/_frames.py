@@ -1,0 +1,94 @@
+"""Frame events of the wire format (DESIGN.md §2): what the codec encodes and decodes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ._exceptions import RemoteError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+__all__ = ["DataFrame", "EndFrame", "ErrorFrame", "Frame", "HeartbeatFrame"]
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """Base class of every frame."""
+
+
+@dataclass(frozen=True, slots=True)
+class DataFrame(Frame):
+    """One item, or `count` items stacked on the leading axis of one array.
+
+    Attributes:
+        seq: stream position of the (first) item.
+        data: an `np.ndarray` (dtype and shape travel with it) or raw `bytes`.
+        count: `None` for one item; for a batched frame, the number of items stacked
+            on axis 0 of `data` (their seqs are `seq … seq + count - 1`).
+    """
+
+    seq: int
+    data: np.ndarray | bytes
+    count: int | None = None
+
+    def items(self) -> list[Any]:
+        """The items this frame carries: `[data]`, or the rows of a batched array."""
+        if self.count is None:
+            return [self.data]
+        return list(self.data)
+
+
+@dataclass(frozen=True, slots=True)
+class EndFrame(Frame):
+    """The producer finished; `seq` is the number of items the stream ever held."""
+
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorFrame(Frame):
+    """The stream failed.
+
+    Attributes:
+        seq: the stream position at which it failed.
+        origin: `"producer"` (its iterator raised) or `"relay"` (deleted, shutting down, ...).
+        type: the exception's type name, e.g. `"ValueError"`.
+        message: the exception's message.
+        traceback: formatted traceback text, possibly empty.
+    """
+
+    seq: int
+    origin: str
+    type: str
+    message: str
+    traceback: str = ""
+
+    @classmethod
+    def from_exception(
+        cls, exc: BaseException, *, seq: int, origin: str = "producer"
+    ) -> ErrorFrame:
+        """The frame that carries `exc` across the wire: type name, message, traceback text."""
+        import traceback
+
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        return cls(
+            seq=seq, origin=origin, type=type(exc).__name__, message=str(exc), traceback=text
+        )
+
+    def to_exception(self, stream_name: str | None = None) -> RemoteError:
+        """The `RemoteError` (mixed with the matching builtin) this frame stands for."""
+        return RemoteError.from_frame(
+            type=self.type,
+            message=self.message,
+            traceback=self.traceback,
+            origin=self.origin,
+            seq=self.seq,
+            stream_name=stream_name,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatFrame(Frame):
+    """Sent on idle streams; readers skip it."""

@@ -1,0 +1,17 @@
+"""Registries of named streams: the interface and its backends."""
+
+from ._base import NAME_PATTERN, POLICIES, Consumer, Registry, Stream, StreamSpec, check_name
+from .memory import MemoryConsumer, MemoryRegistry, MemoryStream
+
+__all__ = [
+    "NAME_PATTERN",
+    "POLICIES",
+    "Consumer",
+    "MemoryConsumer",
+    "MemoryRegistry",
+    "MemoryStream",
+    "Registry",
+    "Stream",
+    "StreamSpec",
+    "check_name",
+]

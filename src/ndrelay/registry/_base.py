@@ -1,0 +1,158 @@
+"""The registry interface a storage backend implements, and the stream definition it keeps."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, Protocol
+
+from .._codec import check_dtype
+from .._frames import Frame
+
+__all__ = [
+    "NAME_PATTERN",
+    "POLICIES",
+    "Consumer",
+    "Registry",
+    "Stream",
+    "StreamSpec",
+    "check_name",
+]
+
+#: Valid stream names (DESIGN.md §3).
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+#: Slow-consumer policies of fanout streams (DESIGN.md §4).
+POLICIES = ("block", "drop_oldest", "latest")
+
+Mode = Literal["queue", "fanout"]
+
+
+def check_name(name: str) -> str:
+    """`name` if it is a valid stream name, else `ValueError` saying the rule."""
+    if not NAME_PATTERN.fullmatch(name):
+        raise ValueError(
+            f"invalid stream name {name[:140]!r}: use 1-128 characters from "
+            "A-Z a-z 0-9 . _ -, starting with a letter or digit"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """How a stream is defined: buffer bounds, mode, and optional array schema.
+
+    Attributes:
+        size: most items the buffer holds (the producer waits beyond it).
+        max_bytes: most payload bytes the buffer holds (at least one item always fits).
+        mode: `"queue"` (each item to one consumer) or `"fanout"` (to every consumer).
+        dtype: if set, every array item must have this dtype (`dtype.str`, e.g. `"<f4"`).
+        shape: if set, every array item must have this shape. Bytes items are not checked.
+    """
+
+    size: int = 64
+    max_bytes: int = 256 * 1024 * 1024
+    mode: Mode = "queue"
+    dtype: str | None = None
+    shape: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if type(self.size) is not int or not 1 <= self.size <= 1_000_000:
+            raise ValueError(f"size must be an integer from 1 to 1000000, got {self.size!r}")
+        if type(self.max_bytes) is not int or self.max_bytes < 1:
+            raise ValueError(f"max_bytes must be a positive integer, got {self.max_bytes!r}")
+        if self.mode not in ("queue", "fanout"):
+            raise ValueError(f"mode must be 'queue' or 'fanout', got {self.mode!r}")
+        if self.dtype is not None:
+            object.__setattr__(self, "dtype", check_dtype(self.dtype).str)
+        if self.shape is not None:
+            shape = tuple(self.shape)
+            if len(shape) > 32 or not all(type(n) is int and n >= 0 for n in shape):
+                raise ValueError(
+                    f"shape must be a list of non-negative integers, got {self.shape!r}"
+                )
+            object.__setattr__(self, "shape", shape)
+
+    def as_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["shape"] = list(self.shape) if self.shape is not None else None
+        return out
+
+
+class Consumer(Protocol):
+    """One reader of a stream; it holds a consumer slot until closed."""
+
+    def take(
+        self, max_items: int, max_bytes: int = 1 << 62
+    ) -> list[tuple[int, Any]] | Frame | None:
+        """Up to `max_items` `(seq, item)` pairs with consecutive seqs (fewer once they
+        add up to `max_bytes`; at least one), the terminal frame
+        once everything before it was taken, or `None` if nothing is available now."""
+        ...
+
+    async def wait(self) -> None:
+        """Return once `take` may have something (cancellable)."""
+        ...
+
+    def close(self) -> None:
+        """Release the slot; idempotent."""
+        ...
+
+
+class Stream(Protocol):
+    """One named stream of a registry."""
+
+    name: str
+    spec: StreamSpec
+
+    def check_item(self, item: Any) -> None:
+        """Raise `SchemaMismatch`/`LocalProtocolError` if `item` may not enter this stream."""
+        ...
+
+    async def put(self, item: Any) -> int:
+        """Add one item, waiting while the buffer is full; its seq. Raises `StreamClosed`."""
+        ...
+
+    def put_blocking(self, item: Any, timeout: float | None = None) -> int:
+        """`put` for producer threads: blocks the calling thread, never an event loop."""
+        ...
+
+    def put_many_blocking(self, items: Sequence[Any]) -> None:
+        """Add several items from a producer thread, in order, waiting for room."""
+        ...
+
+    def finish(self, frame: Frame) -> None:
+        """Finish with an `EndFrame` or `ErrorFrame` (sticky for every consumer)."""
+        ...
+
+    def open_consumer(self, policy: str = "block") -> Consumer: ...
+
+    @property
+    def finished(self) -> bool: ...
+
+    def info(self) -> dict[str, Any]: ...
+
+
+class Registry(Protocol):
+    """A set of named streams. The in-memory backend is `MemoryRegistry`."""
+
+    def create(self, name: str, spec: StreamSpec) -> tuple[Stream, bool]:
+        """Create `name` (`(stream, True)`), or return the identical existing one
+        (`(stream, False)`); `StreamConflict` if it exists with another spec."""
+        ...
+
+    def get(self, name: str) -> Stream:
+        """The stream, or `StreamNotFound`."""
+        ...
+
+    def get_or_create(self, name: str) -> Stream: ...
+
+    def delete(self, name: str, reason: str = "stream deleted") -> None:
+        """Remove the stream; its consumers get a `relay` error frame."""
+        ...
+
+    def streams(self) -> list[Stream]: ...
+
+    def close(self, reason: str = "server shutting down") -> None:
+        """Fail every open stream with a `relay` error frame (server shutdown)."""
+        ...

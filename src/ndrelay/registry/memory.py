@@ -1,0 +1,434 @@
+"""The in-memory registry: bounded per-stream buffers shared by threads and one event loop.
+
+Strategy: each stream's state sits behind one `threading.Lock`, held only for a few
+list operations, so the event loop never waits on it for long. Waiting is done outside
+the lock: producer threads on a `threading.Condition`, coroutines (uploads, consumers)
+on futures that the other side resolves with `call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .._codec import check_dtype
+from .._exceptions import (
+    LocalProtocolError,
+    RegistryError,
+    SchemaMismatch,
+    StreamClosed,
+    StreamConflict,
+    StreamNotFound,
+)
+from .._frames import EndFrame, ErrorFrame, Frame
+from ._base import POLICIES, StreamSpec, check_name
+
+__all__ = ["MemoryConsumer", "MemoryRegistry", "MemoryStream"]
+
+
+def _nbytes(item: Any) -> int:
+    return item.nbytes if isinstance(item, np.ndarray) else len(item)
+
+
+class _Waiters:
+    """Futures of coroutines waiting for a change; resolved from any thread."""
+
+    __slots__ = ("_futures",)
+
+    def __init__(self) -> None:
+        self._futures: list[asyncio.Future[None]] = []
+
+    def add(self) -> asyncio.Future[None]:
+        fut = asyncio.get_running_loop().create_future()
+        self._futures.append(fut)
+        return fut
+
+    def wake(self) -> None:
+        """Resolve every waiting future (caller holds the stream lock)."""
+        futures = self._futures
+        if not futures:
+            return
+        self._futures = []
+        running = asyncio._get_running_loop()
+        for fut in futures:
+            loop = fut.get_loop()
+            if loop is running:
+                if not fut.done():
+                    fut.set_result(None)
+            elif not loop.is_closed():
+                loop.call_soon_threadsafe(_resolve, fut)
+
+    def discard(self, fut: asyncio.Future[None]) -> None:
+        try:
+            self._futures.remove(fut)
+        except ValueError:
+            pass
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class MemoryStream:
+    """One stream: a bounded buffer of `(seq, item)` with queue or fanout delivery."""
+
+    def __init__(self, name: str, spec: StreamSpec) -> None:
+        self.name = name
+        self.spec = spec
+        self.created = time.time()
+        self._lock = threading.Lock()
+        self._space = threading.Condition(self._lock)  # producer threads wait here
+        self._space_waiters = _Waiters()  # producer coroutines wait here
+        self._data_waiters = _Waiters()  # consumer coroutines wait here
+        self._items: deque[tuple[int, Any, int]] = deque()  # (seq, item, nbytes)
+        self._bytes = 0
+        self._next_seq = 0
+        self._terminal: EndFrame | ErrorFrame | None = None
+        self._aborted = False  # deleted/shut down: consumers stop at once
+        self._consumers: set[MemoryConsumer] = set()
+        self.consumed = 0
+        self.dropped = 0
+        self.producers = 0
+        self._dtype = np.dtype(spec.dtype) if spec.dtype is not None else None
+
+    # -- producer side ---------------------------------------------------------------
+
+    def check_item(self, item: Any) -> None:
+        if isinstance(item, np.generic):
+            item = np.asarray(item)
+        if isinstance(item, np.ndarray):
+            try:
+                check_dtype(item.dtype)
+            except ValueError as exc:
+                raise LocalProtocolError(str(exc), key="dtype") from None
+            spec = self.spec
+            if (self._dtype is not None and item.dtype != self._dtype) or (
+                spec.shape is not None and item.shape != spec.shape
+            ):
+                raise SchemaMismatch(
+                    f"stream {self.name!r} takes dtype {spec.dtype} shape {spec.shape}, "
+                    f"got dtype {item.dtype.str} shape {item.shape}",
+                    stream_name=self.name,
+                )
+        elif not isinstance(item, bytes | bytearray):
+            raise LocalProtocolError(
+                f"a stream item must be an np.ndarray, bytes or bytearray, "
+                f"not {type(item).__name__}",
+                key="data",
+            )
+
+    def _room(self, nbytes: int) -> bool:
+        """Whether one more item fits now (lock held); may evict in fanout mode."""
+        if self._terminal is not None:
+            raise StreamClosed(f"stream {self.name!r} has finished", stream_name=self.name)
+        items = self._items
+        if not items:
+            return True
+        if len(items) < self.spec.size and self._bytes + nbytes <= self.spec.max_bytes:
+            return True
+        if self.spec.mode == "queue":
+            return False
+        # fanout: the oldest item may go unless a `block` consumer still needs it
+        oldest = items[0][0]
+        for c in self._consumers:
+            if c.policy == "block" and c.cursor <= oldest:
+                return False
+        while items and (
+            len(items) >= self.spec.size or self._bytes + nbytes > self.spec.max_bytes
+        ):
+            seq, _, n = items.popleft()
+            self._bytes -= n
+            for c in self._consumers:
+                if c.cursor <= seq:  # drop_oldest/latest consumers lose it
+                    c.cursor = seq + 1
+                    c.dropped += 1
+                    self.dropped += 1
+        return True
+
+    def _append(self, item: Any, nbytes: int) -> int:
+        seq = self._next_seq
+        self._next_seq = seq + 1
+        self._items.append((seq, item, nbytes))
+        self._bytes += nbytes
+        self._data_waiters.wake()
+        return seq
+
+    async def put(self, item: Any) -> int:
+        nbytes = _nbytes(item)
+        while True:
+            with self._lock:
+                if self._room(nbytes):
+                    return self._append(item, nbytes)
+                fut = self._space_waiters.add()
+            try:
+                await fut
+            finally:
+                with self._lock:
+                    self._space_waiters.discard(fut)
+
+    def put_blocking(self, item: Any, timeout: float | None = None) -> int:
+        nbytes = _nbytes(item)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._space:
+            while not self._room(nbytes):
+                wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+                if wait <= 0:
+                    raise TimeoutError(f"stream {self.name!r} stayed full for {timeout} s")
+                self._space.wait(wait)
+            return self._append(item, nbytes)
+
+    def put_many_blocking(self, items: Sequence[Any]) -> None:
+        sizes = [_nbytes(item) for item in items]
+        i = 0
+        with self._space:
+            while i < len(items):
+                while not self._room(sizes[i]):
+                    self._space.wait(1.0)
+                # append as many as fit, waking consumers once
+                while i < len(items) and self._room(sizes[i]):
+                    seq = self._next_seq
+                    self._next_seq = seq + 1
+                    self._items.append((seq, items[i], sizes[i]))
+                    self._bytes += sizes[i]
+                    i += 1
+                self._data_waiters.wake()
+
+    def finish(self, frame: Frame) -> None:
+        if not isinstance(frame, EndFrame | ErrorFrame):
+            raise TypeError("finish() takes an EndFrame or an ErrorFrame")
+        with self._lock:
+            if self._terminal is not None:
+                raise StreamClosed(f"stream {self.name!r} has finished", stream_name=self.name)
+            self._terminal = type(frame)(**{**_fields(frame), "seq": self._next_seq})
+            self._wake_all()
+
+    def abort(self, reason: str) -> None:
+        """Fail the stream now (deleted, shutting down): consumers stop at once."""
+        with self._lock:
+            if self._terminal is None or isinstance(self._terminal, EndFrame):
+                self._terminal = ErrorFrame(
+                    seq=self._next_seq, origin="relay", type="StreamClosed", message=reason
+                )
+            self._aborted = True
+            self._items.clear()
+            self._bytes = 0
+            self._wake_all()
+
+    def _wake_all(self) -> None:
+        self._data_waiters.wake()
+        self._space_waiters.wake()
+        self._space.notify_all()
+
+    @property
+    def finished(self) -> bool:
+        return self._terminal is not None
+
+    # -- consumer side ---------------------------------------------------------------
+
+    def open_consumer(self, policy: str = "block") -> MemoryConsumer:
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        with self._lock:
+            consumer = MemoryConsumer(self, policy, self._next_seq)
+            self._consumers.add(consumer)
+            return consumer
+
+    def _release(self, consumer: MemoryConsumer) -> None:
+        with self._lock:
+            self._consumers.discard(consumer)
+            # a departed `block` consumer may have been what held the producer
+            self._space_waiters.wake()
+            self._space.notify_all()
+
+    # -- state -----------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        with self._lock:
+            terminal = self._terminal
+            state = (
+                "open"
+                if terminal is None
+                else "ended"
+                if isinstance(terminal, EndFrame)
+                else "failed"
+            )
+            return {
+                "name": self.name,
+                **self.spec.as_json(),
+                "state": state,
+                "depth": len(self._items),
+                "produced": self._next_seq,
+                "consumed": self.consumed,
+                "dropped": self.dropped,
+                "bytes": self._bytes,
+                "producers": self.producers,
+                "consumers": len(self._consumers),
+            }
+
+    def latest(self) -> tuple[int, Any] | None:
+        """The newest buffered item, without consuming it."""
+        with self._lock:
+            if not self._items:
+                return None
+            seq, item, _ = self._items[-1]
+            return seq, item
+
+
+def _fields(frame: EndFrame | ErrorFrame) -> dict[str, Any]:
+    return {name: getattr(frame, name) for name in frame.__dataclass_fields__}
+
+
+class MemoryConsumer:
+    """A reader of a `MemoryStream` (see `registry.Consumer`)."""
+
+    def __init__(self, stream: MemoryStream, policy: str, cursor: int) -> None:
+        self.stream = stream
+        self.policy = policy
+        self.cursor = cursor  # fanout: next seq to deliver
+        self.dropped = 0
+        self.closed = False
+
+    def take(
+        self, max_items: int, max_bytes: int = 1 << 62
+    ) -> list[tuple[int, Any]] | Frame | None:
+        s = self.stream
+        with s._lock:
+            if s._aborted:
+                return s._terminal
+            items = s._items
+            if s.spec.mode == "queue":
+                if not items:
+                    return s._terminal
+                n = min(max_items, len(items))
+                out = []
+                taken = 0
+                for _ in range(n):
+                    seq, item, nbytes = items.popleft()
+                    s._bytes -= nbytes
+                    out.append((seq, item))
+                    taken += nbytes
+                    if taken >= max_bytes:
+                        break
+            else:
+                if not items or self.cursor > items[-1][0]:
+                    return s._terminal
+                first = items[0][0]
+                if self.cursor < first:  # evicted while we lagged
+                    self.dropped += first - self.cursor
+                    s.dropped += first - self.cursor
+                    self.cursor = first
+                if self.policy == "latest" and self.cursor < items[-1][0]:
+                    skipped = items[-1][0] - self.cursor
+                    self.dropped += skipped
+                    s.dropped += skipped
+                    self.cursor = items[-1][0]
+                start = self.cursor - first
+                stop = min(len(items), start + max_items)
+                out = []
+                taken = 0
+                for i in range(start, stop):
+                    seq, item, nbytes = items[i]
+                    out.append((seq, item))
+                    taken += nbytes
+                    if taken >= max_bytes:
+                        break
+                self.cursor = out[-1][0] + 1
+            s.consumed += len(out)
+            s._space_waiters.wake()
+            s._space.notify_all()
+            return out
+
+    async def wait(self) -> None:
+        s = self.stream
+        with s._lock:
+            if s._aborted or s._terminal is not None:
+                return
+            if s.spec.mode == "queue":
+                if s._items:
+                    return
+            elif s._items and self.cursor <= s._items[-1][0]:
+                return
+            fut = s._data_waiters.add()
+        try:
+            await fut
+        finally:
+            with s._lock:
+                s._data_waiters.discard(fut)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.stream._release(self)
+
+
+class MemoryRegistry:
+    """Streams kept in this process's memory (the default backend).
+
+    Args:
+        max_streams: most streams at once; creating more raises `RegistryError`.
+    """
+
+    def __init__(self, max_streams: int = 1024) -> None:
+        self.max_streams = max_streams
+        self._streams: dict[str, MemoryStream] = {}
+        self._lock = threading.Lock()
+
+    def create(self, name: str, spec: StreamSpec) -> tuple[MemoryStream, bool]:
+        check_name(name)
+        with self._lock:
+            existing = self._streams.get(name)
+            if existing is not None:
+                if existing.spec != spec:
+                    raise StreamConflict(
+                        f"stream {name!r} exists with {existing.spec.as_json()}",
+                        stream_name=name,
+                    )
+                return existing, False
+            if len(self._streams) >= self.max_streams:
+                raise RegistryError(f"too many streams (limit {self.max_streams})")
+            stream = MemoryStream(name, spec)
+            self._streams[name] = stream
+            return stream, True
+
+    def get(self, name: str) -> MemoryStream:
+        check_name(name)
+        try:
+            return self._streams[name]
+        except KeyError:
+            raise StreamNotFound(f"no stream named {name!r}", stream_name=name) from None
+
+    def get_or_create(self, name: str) -> MemoryStream:
+        try:
+            return self.get(name)
+        except StreamNotFound:
+            with self._lock:
+                existing = self._streams.get(name)
+            if existing is not None:
+                return existing
+            try:
+                return self.create(name, StreamSpec())[0]
+            except StreamConflict:
+                return self.get(name)
+
+    def delete(self, name: str, reason: str = "stream deleted") -> None:
+        check_name(name)
+        with self._lock:
+            stream = self._streams.pop(name, None)
+        if stream is None:
+            raise StreamNotFound(f"no stream named {name!r}", stream_name=name)
+        stream.abort(reason)
+
+    def streams(self) -> list[MemoryStream]:
+        with self._lock:
+            return list(self._streams.values())
+
+    def close(self, reason: str = "server shutting down") -> None:
+        for stream in self.streams():
+            stream.abort(reason)

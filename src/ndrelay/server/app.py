@@ -1,0 +1,500 @@
+"""The HTTP API (DESIGN.md §3): `create_app(relay)` builds the FastAPI application."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
+from starlette.types import Receive, Scope, Send
+
+from .._codec import MEDIA_TYPE, FrameDecoder, encode_data_parts, encode_frame
+from .._exceptions import (
+    AuthError,
+    NDRelayError,
+    ProtocolError,
+    StreamClosed,
+)
+from .._frames import DataFrame, EndFrame, ErrorFrame, Frame, HeartbeatFrame
+from .._version import __version__
+from ..registry import POLICIES, Consumer, Registry, Stream, StreamSpec, check_name
+from .formats import FORMATS, ndjson_line, sse_event
+from .metrics import metrics_response
+from .relay import Relay, Settings
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("ndrelay.server")
+
+#: Small frames are coalesced into writes of about this size.
+_COALESCE_BYTES = 256 * 1024
+#: A consumer takes at most this many bytes from its buffer per round.
+_TAKE_BYTES = 4 * 1024 * 1024
+_STREAM_HEADERS = [
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+DESCRIPTION = """
+ndrelay relays streams of numpy arrays and raw bytes.
+
+**Frames.** A stream body is a concatenation of msgpack maps, nothing between them
+(`application/x-msgpack`; any streaming msgpack decoder reads it):
+
+| kind | keys |
+|---|---|
+| `data` (array) | `kind`, `seq`, `dtype` (`"<f4"`...), `shape` (ints), `data` (bin, C order) |
+| `data` (bytes) | `kind`, `seq`, `data` (bin) |
+| `data` (batched) | as array, plus `count`: items stacked on the leading axis of `shape` |
+| `end` | `kind`, `seq` (= number of items the stream ever held) |
+| `error` | `kind`, `seq`, `origin` (`producer` or `relay`), `type`, `message`, `traceback` |
+| `heartbeat` | `kind` (sent on idle streams; skip it) |
+
+A body that ends without `end` or `error` was cut off. `?format=ndjson` and
+`?format=sse` give the same frames as JSON lines or server-sent events (arrays as
+nested lists, bytes as base64 with `"encoding": "base64"`).
+"""
+
+
+def _get_stream(request: Request, name: str) -> Stream:
+    relay: Relay = request.app.state.relay
+    return relay.registry.get(name)
+
+
+StreamDep = Annotated[Stream, Depends(_get_stream)]
+
+
+class CreateStream(BaseModel):
+    """Definition of a stream for `PUT /streams/{name}`."""
+
+    size: int = Field(64, ge=1, le=1_000_000, description="most items buffered")
+    max_bytes: int | None = Field(None, ge=1, description="most payload bytes buffered")
+    mode: Literal["queue", "fanout"] = "queue"
+    dtype: str | None = Field(None, description="numpy dtype.str every array must have")
+    shape: list[int] | None = Field(None, description="shape every array must have")
+
+
+def create_app(relay: Relay | Registry | None = None, settings: Settings | None = None) -> FastAPI:
+    """The FastAPI application serving `relay` (default: a new in-memory `Relay`).
+
+    Args:
+        relay: a `Relay` (or a bare registry to wrap in one).
+        settings: overrides the relay's settings (token, limits, heartbeat).
+    """
+    if relay is None or not isinstance(relay, Relay):
+        relay = Relay(relay, settings)
+    elif settings is not None:
+        relay.settings = settings
+    the_relay = relay
+    registry = relay.registry
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        the_relay.close()
+
+    app = FastAPI(
+        title="ndrelay",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.relay = relay
+
+    def check_token(request: Request) -> None:
+        token = the_relay.settings.token
+        if token is None:
+            return
+        given = request.headers.get("authorization", "")
+        if given.startswith("Bearer "):
+            given = given[7:]
+        else:
+            given = request.query_params.get("token", "")
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            raise AuthError("missing or wrong bearer token")
+
+    auth = [Depends(check_token)]
+
+    @app.exception_handler(NDRelayError)
+    async def ndrelay_error(request: Request, exc: NDRelayError) -> JSONResponse:
+        status = getattr(exc, "status_hint", 400)
+        headers = {"www-authenticate": "Bearer"} if status == 401 else None
+        return JSONResponse(_error_body(exc), status_code=status, headers=headers)
+
+    @app.exception_handler(ValueError)
+    async def value_error(request: Request, exc: ValueError) -> JSONResponse:
+        return JSONResponse({"error": "ValueError", "message": str(exc)}, status_code=422)
+
+    @app.get("/healthz", tags=["service"])
+    async def healthz() -> dict[str, str]:
+        """Liveness; needs no token."""
+        return {"status": "ok", "version": __version__}
+
+    @app.get("/metrics", dependencies=auth, tags=["service"])
+    async def metrics() -> Response:
+        """Prometheus text format."""
+        return metrics_response(registry)
+
+    @app.get("/streams", dependencies=auth, tags=["streams"])
+    async def list_streams() -> list[dict[str, Any]]:
+        """Info of every stream."""
+        return [s.info() for s in registry.streams()]
+
+    @app.put("/streams/{name}", dependencies=auth, tags=["streams"], status_code=201)
+    async def create_stream(name: str, body: CreateStream) -> JSONResponse:
+        """Create a stream: 201, or 200 if it exists identically, 409 if differently."""
+        args = body.model_dump(exclude_none=True)
+        if "shape" in args:
+            args["shape"] = tuple(args["shape"])
+        stream, created = registry.create(check_name(name), StreamSpec(**args))
+        return JSONResponse(stream.info(), status_code=201 if created else 200)
+
+    @app.get("/streams/{name}/info", dependencies=auth, tags=["streams"])
+    async def stream_info(stream: StreamDep) -> dict[str, Any]:
+        """Definition, state (`open`/`ended`/`failed`) and counters of one stream."""
+        return stream.info()
+
+    @app.delete("/streams/{name}", dependencies=auth, tags=["streams"], status_code=204)
+    async def delete_stream(name: str) -> Response:
+        """Delete a stream; its consumers get a `relay` error frame."""
+        registry.delete(name)
+        return Response(status_code=204)
+
+    @app.get("/streams/{name}/latest", dependencies=auth, tags=["streams"])
+    async def latest(
+        stream: StreamDep, format: Literal["msgpack", "ndjson"] = "msgpack"
+    ) -> Response:
+        """The newest buffered item as one frame, without consuming it; 204 if none."""
+        newest = stream.latest()  # type: ignore[attr-defined]
+        if newest is None:
+            return Response(status_code=204)
+        frame = DataFrame(newest[0], newest[1])
+        if format == "ndjson":
+            return Response(ndjson_line(frame), media_type=FORMATS["ndjson"])
+        return Response(encode_frame(frame), media_type=MEDIA_TYPE)
+
+    @app.get(
+        "/streams/{name}",
+        dependencies=auth,
+        tags=["streams"],
+        response_class=Response,
+        responses={200: {"content": {media: {} for media in FORMATS.values()}}},
+    )
+    async def consume(
+        request: Request,
+        stream: StreamDep,
+        format: Literal["msgpack", "ndjson", "sse"] | None = None,
+        batch: Annotated[int, Query(ge=1, le=65536)] = 1,
+        policy: Literal["block", "drop_oldest", "latest"] = "block",
+    ) -> Response:
+        """Stream the frames of `name` until its `end` or `error` frame.
+
+        `format` picks msgpack (default), ndjson or sse (also chosen by `Accept`);
+        `batch=N` lets the server stack up to N equal-shaped arrays into one batched
+        frame; `policy` is what happens when a fanout consumer falls behind.
+        """
+        fmt = format or _format_from_accept(request.headers.get("accept", ""))
+        consumer = stream.open_consumer(policy if policy in POLICIES else "block")
+        return FrameStreamResponse(stream, consumer, fmt, batch, the_relay.settings)
+
+    @app.post("/streams/{name}", dependencies=auth, tags=["streams"])
+    async def upload(name: str) -> Response:
+        """Producer upload: the body is frames (`data`…, then optionally `end` or `error`).
+
+        Creates the stream with defaults if missing. Answers `{accepted, items,
+        next_seq}`; on a bad frame, the 4xx names the frame index and the reason, and
+        the frames before it stay accepted.
+        """
+        stream = registry.get_or_create(check_name(name))
+        if stream.finished:
+            raise StreamClosed(f"stream {name!r} has finished", stream_name=name)
+        return UploadResponse(stream, the_relay.settings)
+
+    return app
+
+
+def _error_body(exc: BaseException, **extra: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"error": type(exc).__name__, "message": str(exc)}
+    for attr in ("frame_index", "key", "stream_name"):
+        value = getattr(exc, attr, None)
+        if value is not None:
+            body[attr] = value
+    body.update(extra)
+    return body
+
+
+def _format_from_accept(accept: str) -> str:
+    for fmt, media in FORMATS.items():
+        if fmt != "msgpack" and media in accept:
+            return fmt
+    return "msgpack"
+
+
+def _batches(items: list[tuple[int, Any]], limit: int) -> list[DataFrame]:
+    """Group consecutive equal-layout arrays with consecutive seqs into batched frames."""
+    frames: list[DataFrame] = []
+    i, n = 0, len(items)
+    while i < n:
+        seq, first = items[i]
+        j = i + 1
+        if isinstance(first, np.ndarray):
+            while (
+                j < n
+                and j - i < limit
+                and items[j][0] == seq + (j - i)
+                and isinstance(items[j][1], np.ndarray)
+                and items[j][1].shape == first.shape
+                and items[j][1].dtype == first.dtype
+            ):
+                j += 1
+        if j - i == 1:
+            frames.append(DataFrame(seq, first))
+        else:
+            stacked = np.stack([item for _, item in items[i:j]])
+            frames.append(DataFrame(seq, stacked, count=j - i))
+        i = j
+    return frames
+
+
+class FrameStreamResponse(Response):
+    """A consumer's response: frames as they come, heartbeats when idle.
+
+    It listens for the client's disconnect while it waits, so a consumer that goes
+    away releases its slot at once instead of at the next write.
+    """
+
+    def __init__(
+        self, stream: Stream, consumer: Consumer, fmt: str, batch: int, settings: Settings
+    ) -> None:
+        self.stream = stream
+        self.consumer = consumer
+        self.fmt = fmt
+        self.batch = batch
+        self.settings = settings
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = [(b"content-type", FORMATS[fmt].encode()), *_STREAM_HEADERS]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            pump = asyncio.ensure_future(self._pump(send))
+            watch = asyncio.ensure_future(_wait_disconnect(receive))
+            try:
+                await asyncio.wait([pump, watch], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (pump, watch):
+                    task.cancel()
+                await asyncio.gather(pump, watch, return_exceptions=True)
+            if pump.done() and not pump.cancelled() and pump.exception() is not None:
+                raise pump.exception()  # type: ignore[misc]
+        finally:
+            self.consumer.close()
+
+    async def _pump(self, send: Send) -> None:
+        consumer = self.consumer
+        heartbeat = self.settings.heartbeat_interval
+        batch = self.batch
+        take = max(batch, 256) if self.fmt == "msgpack" else batch
+        while True:
+            got = consumer.take(take, _TAKE_BYTES)
+            if got is None:
+                try:
+                    async with asyncio.timeout(heartbeat):
+                        await consumer.wait()
+                except TimeoutError:
+                    await self._send_frames(send, [HeartbeatFrame()])
+                continue
+            if isinstance(got, Frame):
+                await self._send_frames(send, [got], last=True)
+                return
+            if batch > 1:
+                frames: list[Any] = _batches(got, batch)
+            else:
+                frames = got
+            await self._send_frames(send, frames)
+
+    async def _send_frames(self, send: Send, frames: list[Any], last: bool = False) -> None:
+        """Write frames (or `(seq, item)` pairs); small ones coalesced, big payloads
+        handed to the server without a copy."""
+        if self.fmt != "msgpack":
+            encode = ndjson_line if self.fmt == "ndjson" else sse_event
+            body = b"".join(
+                encode(f if isinstance(f, Frame) else DataFrame(f[0], f[1])) for f in frames
+            )
+            await send({"type": "http.response.body", "body": body, "more_body": not last})
+            return
+        pending: list[Any] = []
+        size = 0
+        for f in frames:
+            if isinstance(f, tuple):
+                parts: list[Any] = encode_data_parts(f[0], f[1])
+            elif isinstance(f, DataFrame):
+                parts = encode_data_parts(f.seq, f.data, f.count)
+            else:
+                parts = [encode_frame(f)]
+            if len(parts) == 2 and len(parts[1]) >= _COALESCE_BYTES:
+                pending.append(parts[0])
+                await send(
+                    {"type": "http.response.body", "body": b"".join(pending), "more_body": True}
+                )
+                await send({"type": "http.response.body", "body": parts[1], "more_body": True})
+                pending, size = [], 0
+                continue
+            pending.extend(parts)
+            size += sum(len(p) for p in parts)
+            if size >= _COALESCE_BYTES:
+                await send(
+                    {"type": "http.response.body", "body": b"".join(pending), "more_body": True}
+                )
+                pending, size = [], 0
+        if pending or last:
+            await send(
+                {"type": "http.response.body", "body": b"".join(pending), "more_body": not last}
+            )
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class UploadResponse(Response):
+    """Reads an upload body frame by frame into a stream, then answers JSON.
+
+    A frame is accepted whole or not at all. On a bad frame it answers the 4xx at once,
+    then keeps reading (and discarding) the body for a bounded time, so the client gets
+    the error instead of a connection reset.
+    """
+
+    def __init__(self, stream: Stream, settings: Settings) -> None:
+        self.stream = stream
+        self.settings = settings
+        self.status_code = 200
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        stream = self.stream
+        decoder = FrameDecoder(self.settings.max_frame_bytes)
+        accepted = items = 0
+        finished = False
+        stream.producers += 1  # type: ignore[attr-defined]
+        try:
+            more = True
+            while more:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    log.info(
+                        "upload to %r: client went away after %d frames", stream.name, accepted
+                    )
+                    return
+                more = message.get("more_body", False)
+                decoder.feed(message.get("body", b""))
+                for frame in decoder.frames():
+                    if finished:
+                        raise _Refused(
+                            400, "frame after the end of the stream", decoder.frame_index - 1
+                        )
+                    index = decoder.frame_index - 1
+                    if isinstance(frame, DataFrame):
+                        batch = frame.items()
+                        try:
+                            for item in batch:
+                                stream.check_item(item)
+                        except NDRelayError as exc:
+                            raise _Refused(exc.status_hint, str(exc), index) from None  # type: ignore[attr-defined]
+                        for item in batch:
+                            await stream.put(item)
+                        items += len(batch)
+                    elif isinstance(frame, EndFrame | ErrorFrame):
+                        stream.finish(frame)
+                        finished = True
+                    else:
+                        continue  # heartbeat
+                    accepted += 1
+            decoder.feed_eof()
+        except ProtocolError as exc:
+            await self._refuse(
+                receive,
+                send,
+                exc.status_hint,
+                exc.reason,
+                exc.frame_index,
+                accepted,
+                more,
+                getattr(exc, "key", None),
+            )
+            return
+        except _Refused as exc:
+            await self._refuse(receive, send, exc.status, exc.reason, exc.index, accepted, more)
+            return
+        except StreamClosed as exc:
+            await self._refuse(
+                receive, send, 409, str(exc), decoder.frame_index - 1, accepted, more
+            )
+            return
+        finally:
+            stream.producers -= 1  # type: ignore[attr-defined]
+        body = {"accepted": accepted, "items": items, "next_seq": stream.info()["produced"]}
+        await JSONResponse(body)(scope, receive, send)
+
+    async def _refuse(
+        self,
+        receive: Receive,
+        send: Send,
+        status: int,
+        reason: str,
+        index: int | None,
+        accepted: int,
+        more: bool,
+        key: str | None = None,
+    ) -> None:
+        body: dict[str, Any] = {
+            "error": "upload refused",
+            "message": f"frame {index}: {reason}" if index is not None else reason,
+            "frame_index": index,
+            "reason": reason,
+            "accepted": accepted,
+            "next_seq": self.stream.info()["produced"],
+        }
+        if key is not None:
+            body["key"] = key
+        log.info("upload to %r refused: %s", self.stream.name, body["message"])
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
+            }
+        )
+        await send(
+            {"type": "http.response.body", "body": json.dumps(body).encode(), "more_body": more}
+        )
+        if not more:
+            return
+        try:
+            async with asyncio.timeout(self.settings.upload_drain_seconds):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            pass
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, reason: str, index: int | None) -> None:
+        self.status = status
+        self.reason = reason
+        self.index = index

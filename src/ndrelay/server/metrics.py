@@ -1,0 +1,65 @@
+"""`/metrics`: per-stream gauges and counters in the Prometheus text format."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from fastapi.responses import Response
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from ..registry import Registry
+
+__all__ = ["metrics_response"]
+
+_COUNTERS = {
+    "produced": "Items the stream accepted",
+    "consumed": "Items delivered to consumers",
+    "dropped": "Items fanout consumers skipped (drop_oldest/latest policies)",
+}
+_GAUGES = {
+    "depth": "Items buffered",
+    "bytes": "Payload bytes buffered",
+    "consumers": "Connected consumers",
+    "producers": "Active producers",
+}
+
+
+class _StreamCollector:
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        infos = [s.info() for s in self.registry.streams()]
+        yield _family(GaugeMetricFamily, "ndrelay_streams", "Streams in the registry", [len(infos)])
+        for key, doc in _COUNTERS.items():
+            family = CounterMetricFamily(f"ndrelay_stream_{key}", doc, labels=["stream", "mode"])
+            for info in infos:
+                family.add_metric([info["name"], info["mode"]], info[key])
+            yield family
+        for key, doc in _GAUGES.items():
+            gauge = GaugeMetricFamily(f"ndrelay_stream_{key}", doc, labels=["stream", "mode"])
+            for info in infos:
+                gauge.add_metric([info["name"], info["mode"]], info[key])
+            yield gauge
+        state = GaugeMetricFamily(
+            "ndrelay_stream_open",
+            "1 while the stream is open, 0 once ended or failed",
+            labels=["stream"],
+        )
+        for info in infos:
+            state.add_metric([info["name"]], 1 if info["state"] == "open" else 0)
+        yield state
+
+
+def _family(cls: type, name: str, doc: str, values: list[float]) -> Metric:
+    family = cls(name, doc, value=values[0])
+    return family  # type: ignore[no-any-return]
+
+
+def metrics_response(registry: Registry) -> Response:
+    """The current metrics of `registry`'s streams."""
+    collectors = CollectorRegistry(auto_describe=False)
+    collectors.register(_StreamCollector(registry))  # type: ignore[arg-type]
+    return Response(generate_latest(collectors), media_type=CONTENT_TYPE_LATEST)

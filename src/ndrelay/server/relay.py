@@ -1,0 +1,149 @@
+"""`Relay`: the server's registry plus in-process producers, usable without HTTP."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from .._codec import DEFAULT_MAX_FRAME_SIZE
+from .._exceptions import StreamClosed
+from .._frames import EndFrame, ErrorFrame
+from ..registry import MemoryRegistry, Registry, Stream, StreamSpec
+
+__all__ = ["Relay", "Settings"]
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+
+
+@dataclass
+class Settings:
+    """Server settings; `Settings.from_env()` reads the `NDRELAY_*` environment.
+
+    Attributes:
+        token: if set, every endpoint but `/healthz` wants `Authorization: Bearer <token>`.
+        max_frame_bytes: largest frame accepted in an upload (413 beyond).
+        max_streams: most streams at once.
+        heartbeat_interval: seconds of silence before a consumer gets a heartbeat frame.
+        upload_drain_seconds: after refusing an upload, how long to keep reading (and
+            discarding) its body so the client can read the error instead of a reset.
+    """
+
+    token: str | None = None
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_SIZE
+    max_streams: int = 1024
+    heartbeat_interval: float = 15.0
+    upload_drain_seconds: float = 10.0
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        return cls(
+            token=os.environ.get("NDRELAY_TOKEN") or None,
+            max_frame_bytes=_env_int("NDRELAY_MAX_FRAME_BYTES", DEFAULT_MAX_FRAME_SIZE),
+            max_streams=_env_int("NDRELAY_MAX_STREAMS", 1024),
+            heartbeat_interval=float(os.environ.get("NDRELAY_HEARTBEAT", "15") or 15),
+        )
+
+
+class Relay:
+    """The set of streams a server serves, with in-process producers.
+
+    ```python
+    relay = Relay()
+    relay.publish("radar", sensor.stream(), size=64)   # any iterator, run in a thread
+    app = create_app(relay)                              # serve it over HTTP
+    ```
+
+    Args:
+        registry: the storage backend (default: a new `MemoryRegistry`).
+        settings: server settings (default: `Settings.from_env()`).
+    """
+
+    def __init__(self, registry: Registry | None = None, settings: Settings | None = None) -> None:
+        self.settings = settings if settings is not None else Settings.from_env()
+        self.registry: Registry = (
+            registry if registry is not None else MemoryRegistry(self.settings.max_streams)
+        )
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+
+    def publish(
+        self,
+        name: str,
+        iterator: Iterable[Any],
+        size: int = 64,
+        *,
+        mode: str = "queue",
+        max_bytes: int | None = None,
+        dtype: str | None = None,
+        shape: tuple[int, ...] | None = None,
+    ) -> Stream:
+        """Serve `iterator` as stream `name`; returns at once.
+
+        A background thread pulls items (arrays or bytes) and puts them into the stream's
+        bounded buffer, waiting while it is full. When the iterator is exhausted the
+        stream ends (`end` frame); if it raises, the stream fails (`error` frame with the
+        exception's type, message and traceback).
+
+        Raises:
+            StreamConflict: the stream exists with another definition.
+            ValueError: an invalid name or definition.
+        """
+        spec_args: dict[str, Any] = {"size": size, "mode": mode, "dtype": dtype, "shape": shape}
+        if max_bytes is not None:
+            spec_args["max_bytes"] = max_bytes
+        stream, _ = self.registry.create(name, StreamSpec(**spec_args))
+        thread = threading.Thread(
+            target=_produce, args=(stream, iterator), name=f"ndrelay-publish-{name}", daemon=True
+        )
+        self._threads = [t for t in self._threads if t.is_alive()]
+        self._threads.append(thread)
+        thread.start()
+        return stream
+
+    def close(self, reason: str = "server shutting down", timeout: float = 5.0) -> None:
+        """Fail every open stream with a `relay` error frame and stop the producer threads.
+
+        A producer blocked inside its own iterator's `next()` cannot be interrupted; its
+        (daemon) thread ends when that call returns.
+        """
+        self._closed = True
+        self.registry.close(reason)
+        for thread in self._threads:
+            thread.join(timeout)
+
+
+def _produce(stream: Any, iterator: Iterable[Any]) -> None:
+    it = iter(iterator)
+    stream.producers += 1
+    try:
+        for item in it:
+            stream.check_item(item)
+            stream.put_blocking(item)
+    except StreamClosed:
+        pass  # deleted or shut down: stop quietly
+    except Exception as exc:
+        try:
+            stream.finish(ErrorFrame.from_exception(exc, seq=0))
+        except StreamClosed:
+            pass
+    else:
+        try:
+            stream.finish(EndFrame(seq=0))
+        except StreamClosed:
+            pass
+    finally:
+        stream.producers -= 1
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()

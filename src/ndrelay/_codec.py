@@ -269,6 +269,10 @@ class _Payload:
             self.dtype, self.shape, self.count = _array_layout(header, nbytes, index)
             self.buffer: Any = np.empty(nbytes, dtype=np.uint8)
         else:
+            if "shape" in header or "count" in header:  # as `_to_frame` refuses them
+                raise RemoteProtocolError(
+                    "shape/count without dtype", frame_index=index, key="dtype"
+                )
             self.dtype = None
             self.buffer = bytearray(nbytes)
         self.view = memoryview(self.buffer)

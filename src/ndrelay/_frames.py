@@ -72,6 +72,16 @@ class ErrorFrame(Frame):
         """The frame that carries `exc` across the wire: type name, message, traceback text."""
         import traceback
 
+        if isinstance(exc, RemoteError) and hasattr(exc, "remote_type"):
+            # Relaying a stream that failed upstream: pass the original failure on, not
+            # our local wrapper class (whose name no builtin matches downstream).
+            return cls(
+                seq=seq,
+                origin=origin,
+                type=exc.remote_type,
+                message=exc.remote_message,
+                traceback=exc.remote_traceback,
+            )
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         return cls(
             seq=seq, origin=origin, type=type(exc).__name__, message=str(exc), traceback=text

@@ -255,5 +255,6 @@ def _remote_class(type_name: str) -> type[RemoteError]:
             result = type(f"Remote{type_name}", (RemoteError, builtin), {})
         except TypeError:  # incompatible instance layout: plain RemoteError
             result = RemoteError
-    _remote_classes[type_name] = result
+    if builtin is not None:  # names come from the network: cache only the finite builtins
+        _remote_classes[type_name] = result
     return result

@@ -1,0 +1,243 @@
+"""ndrelay peer: the thing under test, used exactly as a user would.
+
+Served: the server process builds `Relay()`, calls `relay.publish(name, generator,
+size=64)` and runs `create_app(relay)` under uvicorn (defaults: whatever loop and HTTP
+implementation uvicorn picks from what is installed); the consumer iterates
+`RelayClient(url).stream(name)` over HTTP.
+Relayed: a bare server (`create_app(Relay())`), a producer process uploading with
+`RelayClient.publish(name, generator)`, a consumer process iterating `stream(name)`.
+
+The generator yields the same pool items as the other peers (read-only numpy arrays, one
+per item, W2b included: ndrelay gets individual items and the consumer asks for
+`stream(name, batch=256, stack=True)`). Queue mode (the default).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+from _common import (
+    POOL,
+    Checker,
+    LatencyRecorder,
+    Meter,
+    Paced,
+    Workload,
+    item_pool,
+    paced_items,
+    self_vm,
+)
+
+__all__ = [
+    "bare_server",
+    "consumer",
+    "lat_consumer",
+    "lat_producer",
+    "producer",
+    "served_server",
+]
+
+OPEN_TIMEOUT = 20.0
+
+
+def _items(q: Any, go: Any, w: Workload, duration: float, limit: int | None, role: str) -> Any:
+    """Pool items, cyclically, until `duration` after go (or `limit` items); reports the
+    count on the queue when exhausted."""
+    pool = item_pool(w)
+    paced = Paced(go, duration, limit)
+    every = 64 if w.small else 1
+    n = 0
+    k = 0
+    while not paced.done(n):
+        for _ in range(every):
+            yield pool[k]
+            k = k + 1 if k + 1 < POOL else 0
+        n += every
+    q.put({"role": role, "result": {"sent": n, "vm": self_vm()}})
+
+
+def _serve(q: Any, role: str, app: Any) -> None:
+    import uvicorn
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    q.put({"role": role, "ready": True, "port": port})
+    server.run(sockets=[sock])
+
+
+def served_server(
+    q: Any,
+    go: Any,
+    wl: dict[str, Any],
+    duration: float,
+    name: str,
+    size: int = 64,
+    limit: int | None = None,
+    role: str = "server",
+    producer_role: str = "producer",
+) -> None:
+    from ndrelay import Relay, create_app
+
+    w = Workload.from_dict(wl)
+    relay = Relay()
+    relay.publish(name, _items(q, go, w, duration, limit, producer_role), size=size)
+    _serve(q, role, create_app(relay))
+
+
+def served_lat_server(
+    q: Any,
+    go: Any,
+    duration: float,
+    rate: float,
+    name: str,
+    size: int = 64,
+    role: str = "server",
+    producer_role: str = "producer",
+) -> None:
+    from ndrelay import Relay, create_app
+
+    def gen() -> Any:
+        n = yield from paced_items(go, duration, rate)
+        q.put({"role": producer_role, "result": {"sent": n, "vm": self_vm()}})
+
+    relay = Relay()
+    relay.publish(name, gen(), size=size)
+    _serve(q, role, create_app(relay))
+
+
+def bare_server(q: Any, role: str = "server", **_: Any) -> None:
+    from ndrelay import Relay, create_app
+
+    _serve(q, role, create_app(Relay()))
+
+
+def producer(
+    q: Any,
+    go: Any,
+    wl: dict[str, Any],
+    duration: float,
+    port: int,
+    name: str,
+    limit: int | None = None,
+    role: str = "producer",
+) -> None:
+    from ndrelay import RelayClient
+
+    w = Workload.from_dict(wl)
+    q.put({"role": role, "ready": True})
+    with RelayClient(f"http://127.0.0.1:{port}") as c:
+        c.publish(name, _items(q, go, w, duration, limit, role))
+
+
+def _open(c: Any, name: str, go: Any, **kw: Any) -> tuple[Any, Any]:
+    """Open the stream and get its first item. In the relayed topology the stream exists
+    only once the producer's upload reached the server, so retry (bounded) until then."""
+    deadline = time.monotonic() + OPEN_TIMEOUT
+    go.set()
+    while True:
+        it = c.stream(name, **kw)
+        try:
+            return it, next(iter(it))
+        except StopIteration:
+            raise AssertionError("stream ended before its first item") from None
+        except Exception:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def consumer(
+    q: Any, go: Any, wl: dict[str, Any], port: int, name: str, role: str = "consumer"
+) -> None:
+    from ndrelay import RelayClient
+
+    w = Workload.from_dict(wl)
+    check = Checker(w)
+    meter = Meter(w.warmup)
+    with RelayClient(f"http://127.0.0.1:{port}") as c:
+        n = 0
+        if w.batch:
+            it, first = _open(c, name, go, batch=w.batch, stack=True)
+            check.batch(0, first)
+            n = first.shape[0]
+            meter.tick(n)
+            nb = 1
+            last = (0, first)
+            for arr in it:
+                if nb % 16 == 0:
+                    check.batch(n, arr)
+                last = (n, arr)
+                nb += 1
+                n += arr.shape[0]
+                meter.tick(n)
+            check.batch(*last)
+        elif w.small:
+            it, first = _open(c, name, go)
+            check.item(0, first)
+            meter.tick(0)
+            n = 1
+            last = first
+            for arr in it:
+                if n & 1023 == 0:
+                    check.item(n, arr)
+                    meter.tick(n)
+                last = arr
+                n += 1
+            check.item(n - 1, last)
+        else:
+            it, first = _open(c, name, go)
+            check.item(0, first)
+            n = 1
+            meter.tick(n)
+            for arr in it:
+                check.item(n, arr)
+                n += 1
+                meter.tick(n)
+        meter.finish(n)
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+    q.put(
+        {
+            "role": role,
+            "result": {**meter.result(w.itemsize), "checked": check.checked, "vm": self_vm()},
+        }
+    )
+
+
+def lat_producer(
+    q: Any, go: Any, duration: float, rate: float, port: int, name: str, role: str = "producer"
+) -> None:
+    from ndrelay import RelayClient
+
+    q.put({"role": role, "ready": True})
+    box: dict[str, int] = {}
+
+    def gen() -> Any:
+        box["n"] = yield from paced_items(go, duration, rate)
+
+    with RelayClient(f"http://127.0.0.1:{port}") as c:
+        c.publish(name, gen())
+    q.put({"role": role, "result": {"sent": box.get("n", 0), "vm": self_vm()}})
+
+
+def lat_consumer(
+    q: Any, go: Any, port: int, name: str, warmup: float, role: str = "consumer"
+) -> None:
+    from ndrelay import RelayClient
+
+    rec = LatencyRecorder(warmup)
+    with RelayClient(f"http://127.0.0.1:{port}") as c:
+        it, first = _open(c, name, go)
+        rec.add(first)
+        for arr in it:
+            rec.add(arr)
+    q.put({"role": role, "result": {**rec.result(), "vm": self_vm()}})

@@ -1,0 +1,832 @@
+"""ndrelay benchmark suite: ndrelay against a raw TCP socket, pyzmq and Arrow Flight, side by
+side, on 127.0.0.1, in one run.
+
+    python benchmarks/run.py                 # full run (3 runs of everything, < 10 min)
+    python benchmarks/run.py --quick         # tiny sizes, sanity checks, non-zero exit on failure
+    python benchmarks/run.py --only W1,LAT --transports raw,ndrelay --runs 5 --out results.md
+
+See benchmarks/README.md for what each workload and peer does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+import traceback
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+from _common import Workload, machine_description, summarize  # noqa: E402
+from _harness import ChildFailed, Harness  # noqa: E402
+
+TRANSPORTS = ("raw", "zmq", "flight", "ndrelay")
+TOPOLOGIES = ("served", "relayed")
+MiB = 1 << 20
+
+
+# --- workloads -------------------------------------------------------------------------------
+
+
+def workloads(quick: bool) -> dict[str, Workload]:
+    if quick:
+        d, w = 0.3, 0.05
+        return {
+            "W1": Workload("W1", "<f4", (16384,), d, w, description="64 KiB float32 (quick)"),
+            "W2": Workload("W2", "<f4", (16,), d, w, description="64 B float32, one per frame"),
+            "W2b": Workload(
+                "W2b",
+                "<f4",
+                (16,),
+                d,
+                w,
+                batch=256,
+                description="64 B float32, read in stacked batches of 256",
+            ),
+            "W3": Workload(
+                "W3", "|u1", (128, 192, 3), d, w, description="72 KiB uint8 image (quick)"
+            ),
+        }
+    d, w = 1.5, 0.3
+    return {
+        "W1": Workload("W1", "<f4", (262144,), d, w, description="1 MiB float32 arrays"),
+        "W2": Workload("W2", "<f4", (16,), d, w, description="64 B float32, one per frame"),
+        "W2b": Workload(
+            "W2b",
+            "<f4",
+            (16,),
+            d,
+            w,
+            batch=256,
+            description="64 B float32, read in stacked batches of 256",
+        ),
+        "W3": Workload(
+            "W3",
+            "|u1",
+            (2048, 1632, 3),
+            d,
+            w,
+            description="10.0 MB uint8 camera frames (2048x1632 RGB)",
+        ),
+    }
+
+
+def variants(wl: Workload) -> list[tuple[str, str]]:
+    """(transport, mode) pairs measured for a workload; the first raw one listed in BASELINE
+    is the denominator of every ratio."""
+    if wl.batch:
+        raw = [("raw", "batch")]
+    elif wl.name == "W2":
+        raw = [("raw", "coalesce"), ("raw", "item")]
+    else:
+        raw = [("raw", "item")]
+    return [*raw, ("zmq", ""), ("flight", ""), ("ndrelay", "")]
+
+
+BASELINE = {
+    "W1": ("raw", "item"),
+    "W2": ("raw", "coalesce"),
+    "W2b": ("raw", "batch"),
+    "W3": ("raw", "item"),
+}
+
+LABEL = {
+    ("raw", "item"): "raw TCP",
+    ("raw", "coalesce"): "raw TCP, coalesced sends",
+    ("raw", "batch"): "raw TCP, 1 header/256",
+    ("zmq", ""): "pyzmq PUSH/PULL",
+    ("flight", ""): "Arrow Flight do_get",
+    ("ndrelay", ""): "**ndrelay**",
+}
+
+
+def label(tr: str, mode: str, wl: Workload | None = None) -> str:
+    if wl is not None and wl.name == "W2" and (tr, mode) == ("raw", "item"):
+        return "raw TCP, one send per item"
+    return LABEL[(tr, mode)]
+
+
+# --- availability ----------------------------------------------------------------------------
+
+
+def availability() -> dict[str, str]:
+    """'' when usable, else why not."""
+    out = {"raw": ""}
+    out["zmq"] = "" if importlib.util.find_spec("zmq") else "not installed (pip install pyzmq)"
+    try:
+        ok = importlib.util.find_spec("pyarrow") and importlib.util.find_spec("pyarrow.flight")
+        out["flight"] = "" if ok else "not installed (pip install pyarrow)"
+    except Exception:
+        out["flight"] = "not installed (pip install pyarrow)"
+    try:
+        from ndrelay import Relay, RelayClient, create_app  # noqa: F401
+
+        out["ndrelay"] = ""
+    except Exception as exc:
+        out["ndrelay"] = f"not importable ({type(exc).__name__}: {exc})"
+    return out
+
+
+def _ensure_ndrelay_path() -> None:
+    """Use the installed package if there is one, else the working tree's src/."""
+    if importlib.util.find_spec("ndrelay") is None:
+        src = os.path.join(ROOT, "src")
+        if os.path.isdir(os.path.join(src, "ndrelay")):
+            sys.path.insert(0, src)
+
+
+# --- one measurement -------------------------------------------------------------------------
+
+
+def _wait_http(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except Exception as exc:  # not up yet
+            last = exc
+        time.sleep(0.05)
+    raise ChildFailed(f"server on port {port} not healthy after {timeout:.0f}s: {last}")
+
+
+def _start_pair(
+    h: Harness, tr: str, mode: str, wl: Workload, topo: str, limit: int | None, name: str
+) -> int:
+    """Start producer (and middle/server) for a throughput run; return the consumer's port."""
+    wd = wl.to_dict()
+    frame = wl.itemsize * (wl.batch or 1)
+    if tr in ("raw", "zmq"):
+        mod = "peers.raw" if tr == "raw" else "peers.zmq_peer"
+        extra = {"mode": mode} if tr == "raw" else {}
+        if topo == "served":
+            h.start(
+                "producer", f"{mod}:producer", wl=wd, duration=wl.duration, limit=limit, **extra
+            )
+            return int(h.wait("producer", "ready")["port"])
+        h.start("middle", f"{mod}:middle", frame_bytes=frame)
+        m = h.wait("middle", "ready")
+        h.start(
+            "producer",
+            f"{mod}:producer",
+            wl=wd,
+            duration=wl.duration,
+            limit=limit,
+            port=m["port_in"],
+            **extra,
+        )
+        return int(m["port_out"])
+    if tr == "flight":
+        h.start("producer", "peers.flight_peer:producer", wl=wd, duration=wl.duration, limit=limit)
+        port = int(h.wait("producer", "ready", timeout=60)["port"])
+        if topo == "relayed":
+            h.start("middle", "peers.flight_peer:middle", upstream=port)
+            port = int(h.wait("middle", "ready", timeout=60)["port"])
+        return port
+    if tr == "ndrelay":
+        if topo == "served":
+            h.start(
+                "server",
+                "peers.ndrelay_peer:served_server",
+                wl=wd,
+                duration=wl.duration,
+                name=name,
+                limit=limit,
+            )
+            port = int(h.wait("server", "ready", timeout=60)["port"])
+            _wait_http(port, 30)
+            return port
+        h.start("server", "peers.ndrelay_peer:bare_server")
+        port = int(h.wait("server", "ready", timeout=60)["port"])
+        _wait_http(port, 30)
+        h.start(
+            "producer",
+            "peers.ndrelay_peer:producer",
+            wl=wd,
+            duration=wl.duration,
+            port=port,
+            name=name,
+            limit=limit,
+        )
+        return port
+    raise ValueError(tr)
+
+
+def measure(
+    tr: str,
+    mode: str,
+    wl: Workload,
+    topo: str,
+    *,
+    limit: int | None = None,
+    sample_rss: bool = False,
+    timeout: float = 120.0,
+) -> dict[str, Any]:
+    name = wl.name.lower()
+    t_start = time.perf_counter()
+    with Harness(sample_rss=sample_rss) as h:
+        port = _start_pair(h, tr, mode, wl, topo, limit, name)
+        ckw: dict[str, Any] = {"wl": wl.to_dict(), "port": port}
+        if tr == "raw":
+            ckw["mode"] = mode
+        if tr == "ndrelay":
+            ckw["name"] = name
+        mod = {
+            "raw": "peers.raw",
+            "zmq": "peers.zmq_peer",
+            "flight": "peers.flight_peer",
+            "ndrelay": "peers.ndrelay_peer",
+        }[tr]
+        h.start("consumer", f"{mod}:consumer", **ckw)
+        c = h.wait("consumer", timeout=timeout)
+        p = h.wait("producer", timeout=30)
+        out = dict(c)
+        out["sent"] = p["sent"]
+        out["vm_consumer"] = c.get("vm", {})
+        out["vm_producer"] = p.get("vm", {})
+        for role in ("server", "middle"):
+            if role in h.procs:
+                out[f"vm_{role}"] = h.vm(role)
+        if sample_rss:
+            out["rss_samples"] = h.rss
+        out["wall_s"] = time.perf_counter() - t_start
+    problems = sanity(out)
+    if problems:
+        raise ChildFailed("; ".join(problems))
+    return out
+
+
+def sanity(r: dict[str, Any]) -> list[str]:
+    bad = []
+    if r.get("received") != r.get("sent"):
+        bad.append(f"consumer received {r.get('received')} items, producer sent {r.get('sent')}")
+    if not r.get("checked"):
+        bad.append("no item was content-checked")
+    ips = r.get("items_per_s", 0)
+    if not (isinstance(ips, float) and math.isfinite(ips) and ips > 0):
+        bad.append(f"throughput {ips!r}")
+    return bad
+
+
+def measure_latency(
+    tr: str, duration: float, warmup: float, rate: float, topo: str = "relayed"
+) -> dict[str, Any]:
+    mod = {
+        "raw": "peers.raw",
+        "zmq": "peers.zmq_peer",
+        "flight": "peers.flight_peer",
+        "ndrelay": "peers.ndrelay_peer",
+    }[tr]
+    total = duration + warmup
+    with Harness() as h:
+        if tr in ("raw", "zmq"):
+            h.start("middle", f"{mod}:middle", frame_bytes=1024)
+            m = h.wait("middle", "ready")
+            h.start("producer", f"{mod}:lat_producer", duration=total, rate=rate, port=m["port_in"])
+            h.start("consumer", f"{mod}:lat_consumer", port=m["port_out"], warmup=warmup)
+        elif tr == "flight":
+            h.start("producer", f"{mod}:lat_producer", duration=total, rate=rate)
+            port = h.wait("producer", "ready", timeout=60)["port"]
+            h.start("middle", f"{mod}:middle", upstream=port)
+            port = h.wait("middle", "ready", timeout=60)["port"]
+            h.start("consumer", f"{mod}:lat_consumer", port=port, warmup=warmup)
+        elif tr == "ndrelay":
+            if topo == "served":
+                h.start("server", f"{mod}:served_lat_server", duration=total, rate=rate, name="lat")
+                port = h.wait("server", "ready", timeout=60)["port"]
+                _wait_http(port, 30)
+            else:
+                h.start("server", f"{mod}:bare_server")
+                port = h.wait("server", "ready", timeout=60)["port"]
+                _wait_http(port, 30)
+                h.start(
+                    "producer",
+                    f"{mod}:lat_producer",
+                    duration=total,
+                    rate=rate,
+                    port=port,
+                    name="lat",
+                )
+            h.start("consumer", f"{mod}:lat_consumer", port=port, name="lat", warmup=warmup)
+        c = h.wait("consumer", timeout=total + 60)
+        p = h.wait("producer", timeout=30)
+    out = dict(c)
+    out["sent"] = p["sent"]
+    bad = []
+    if c["received"] != p["sent"]:
+        bad.append(f"consumer received {c['received']}, producer sent {p['sent']}")
+    if not c["samples"]:
+        bad.append("no latency samples")
+    elif not (0 < c["p50_us"] < 10e6):
+        bad.append(f"p50 {c['p50_us']} us")
+    if bad:
+        raise ChildFailed("; ".join(bad))
+    return out
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+class Log:
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __call__(self, msg: str) -> None:
+        print(f"[{time.perf_counter() - self.t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def _fmt_n(x: float) -> str:
+    if not math.isfinite(x):
+        return "–"
+    for div, suf in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if x >= div:
+            return f"{x / div:.3g}{suf}"
+    return f"{x:.3g}"
+
+
+def _fmt_mb(x: float) -> str:
+    if not math.isfinite(x):
+        return "–"
+    return f"{x / 1e6:,.0f}" if x >= 1e7 else f"{x / 1e6:.3g}"
+
+
+def _fmt_ratio(x: float) -> str:
+    return "–" if not math.isfinite(x) else f"{x:.2f}×"
+
+
+def _fmt_bytes(x: float | None) -> str:
+    if x is None or not math.isfinite(x):
+        return "–"
+    return f"{x / MiB:,.0f} MiB"
+
+
+@contextlib.contextmanager
+def _guard(log: Log, what: str, failures: list[str], store: list[Any]) -> Iterator[None]:
+    try:
+        yield
+    except (ChildFailed, Exception) as exc:
+        msg = (
+            f"{what}: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
+        )
+        log(f"FAILED {msg}")
+        if not isinstance(exc, ChildFailed):
+            traceback.print_exc(file=sys.stderr)
+        else:
+            detail = str(exc).strip().splitlines()
+            if len(detail) > 1:
+                print("\n".join(detail[-8:]), file=sys.stderr)
+        failures.append(msg)
+        store.append({"error": msg})
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, sanity checks (CI)")
+    ap.add_argument("--runs", type=int, default=None, help="runs of each measurement (3; quick 1)")
+    ap.add_argument("--only", default="", help="comma list of W1,W2,W2b,W3,LAT,MEM")
+    ap.add_argument("--transports", default=",".join(TRANSPORTS))
+    ap.add_argument("--topologies", default=",".join(TOPOLOGIES))
+    ap.add_argument("--out", default="", help="write the markdown report here")
+    ap.add_argument("--json", default="", help="write every raw result here")
+    ap.add_argument("--duration", type=float, default=None, help="producer seconds per run")
+    ap.add_argument("--mem-gb", type=float, default=None, help="GB to pass in the memory run")
+    ap.add_argument(
+        "--allow-missing-ndrelay",
+        action="store_true",
+        help="do not fail when ndrelay is not importable (peers only)",
+    )
+    args = ap.parse_args(argv)
+
+    _ensure_ndrelay_path()
+    log = Log()
+    quick = args.quick
+    runs = args.runs or (1 if quick else 3)
+    wls = workloads(quick)
+    if args.duration:
+        wls = {
+            k: Workload(**{**v.to_dict(), "shape": v.shape, "duration": args.duration})
+            for k, v in wls.items()
+        }
+    only = {s.strip().upper() for s in args.only.split(",") if s.strip()}
+    sel = [k for k in wls if not only or k.upper() in only]
+    do_lat = not only or "LAT" in only
+    do_mem = not only or "MEM" in only
+    transports = [t for t in args.transports.split(",") if t]
+    topologies = [t for t in args.topologies.split(",") if t]
+    avail = availability()
+    for t in transports:
+        if avail.get(t):
+            log(f"{t}: {avail[t]}")
+    failures: list[str] = []
+    if "ndrelay" in transports and avail["ndrelay"] and not args.allow_missing_ndrelay:
+        failures.append(f"ndrelay {avail['ndrelay']}")
+    usable = [t for t in transports if not avail.get(t)]
+
+    results: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
+    for r in range(runs):
+        for wname in sel:
+            wl = wls[wname]
+            vs = [v for v in variants(wl) if v[0] in usable]
+            # rotate the order each run so no transport always goes first or last
+            vs = vs[r % len(vs) :] + vs[: r % len(vs)] if vs else vs
+            for topo in topologies:
+                for tr, mode in vs:
+                    key = (wname, topo, tr, mode)
+                    store = results.setdefault(key, [])
+                    with _guard(
+                        log, f"{wname} {topo} {label(tr, mode, wl)} run {r + 1}", failures, store
+                    ):
+                        res = measure(tr, mode, wl, topo)
+                        res["run"] = r
+                        store.append(res)
+                        log(
+                            f"{wname:3} {topo:7} {label(tr, mode, wl):28} run {r + 1}: "
+                            f"{_fmt_n(res['items_per_s'])} items/s "
+                            f"{res['bytes_per_s'] / 1e6:8.1f} MB/s "
+                            f"({res['received']} items, {res['wall_s']:.1f}s wall)"
+                        )
+
+    lat: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    lat_cfg = (0.6, 0.2, 1000.0) if quick else (3.0, 0.5, 1000.0)
+    if do_lat:
+        lat_cases = [(t, "relayed") for t in ("raw", "zmq", "flight", "ndrelay") if t in usable]
+        if "ndrelay" in usable:
+            lat_cases.append(("ndrelay", "served"))
+        for r in range(runs):
+            for tr, topo in lat_cases:
+                store = lat.setdefault((tr, topo), [])
+                with _guard(log, f"latency {tr} {topo} run {r + 1}", failures, store):
+                    res = measure_latency(tr, *lat_cfg, topo=topo)
+                    res["run"] = r
+                    store.append(res)
+                    log(
+                        f"latency {tr:8} {topo:7} run {r + 1}: p50 {res['p50_us']:.0f} us, "
+                        f"p99 {res['p99_us']:.0f} us, max {res['max_us']:.0f} us "
+                        f"({res['samples']} samples)"
+                    )
+
+    mem: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    if do_mem:
+        wl = wls["W1"]
+        gb = args.mem_gb if args.mem_gb is not None else (0.02 if quick else 10.0)
+        limit = max(50, math.ceil(gb * 1e9 / wl.itemsize))
+        cases = [
+            (t, topo)
+            for t, topo in (("raw", "relayed"), ("ndrelay", "relayed"), ("ndrelay", "served"))
+            if t in usable
+        ]
+        for tr, topo in cases:
+            store = mem.setdefault((tr, topo), [])
+            mode = "item" if tr == "raw" else ""
+            with _guard(log, f"memory {tr} {topo}", failures, store):
+                res = measure(tr, mode, wl, topo, limit=limit, sample_rss=True, timeout=600)
+                res["bytes_total"] = res["received"] * wl.itemsize
+                store.append(res)
+                log(
+                    f"memory {tr} {topo}: {res['bytes_total'] / 1e9:.2f} GB in "
+                    f"{res['wall_s']:.1f}s; peaks "
+                    + ", ".join(
+                        f"{k[3:]} {_fmt_bytes(v.get('VmHWM'))}"
+                        for k, v in res.items()
+                        if k.startswith("vm_") and v
+                    )
+                )
+
+    report = render(
+        args,
+        quick,
+        runs,
+        wls,
+        sel,
+        topologies,
+        usable,
+        avail,
+        results,
+        lat,
+        lat_cfg,
+        mem,
+        failures,
+        log,
+    )
+    print(report)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(report)
+        log(f"wrote {args.out}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "results": [{"key": list(k), "runs": v} for k, v in results.items()],
+                    "latency": [{"key": list(k), "runs": v} for k, v in lat.items()],
+                    "memory": [{"key": list(k), "runs": v} for k, v in mem.items()],
+                },
+                f,
+                indent=1,
+                default=str,
+            )
+    log(f"done in {time.perf_counter() - log.t0:.0f}s, {len(failures)} failure(s)")
+    for f_ in failures:
+        print(f"FAILED: {f_}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def _ok(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [x for x in runs if "error" not in x]
+
+
+def ratio_runs(
+    results: dict[tuple[str, str, str, str], list[dict[str, Any]]], key: tuple[str, str, str, str]
+) -> list[float]:
+    """Per-run ratios to the baseline of the same run (same workload and topology)."""
+    w, topo, _tr, _m = key
+    base = {x["run"]: x["items_per_s"] for x in _ok(results.get((w, topo, *BASELINE[w]), []))}
+    return [
+        x["items_per_s"] / base[x["run"]]
+        for x in _ok(results.get(key, []))
+        if x["run"] in base and base[x["run"]] > 0
+    ]
+
+
+def render(
+    args: Any,
+    quick: bool,
+    runs: int,
+    wls: dict[str, Workload],
+    sel: list[str],
+    topologies: list[str],
+    usable: list[str],
+    avail: dict[str, str],
+    results: dict[tuple[str, str, str, str], list[dict[str, Any]]],
+    lat: dict[tuple[str, str], list[dict[str, Any]]],
+    lat_cfg: tuple[float, float, float],
+    mem: dict[tuple[str, str], list[dict[str, Any]]],
+    failures: list[str],
+    log: Log,
+) -> str:
+    L: list[str] = []
+    mode = "QUICK (tiny sizes; numbers are a smoke test, not a measurement)" if quick else "full"
+    L.append(f"# ndrelay benchmarks ({mode})\n")
+    L.append(
+        f"`python benchmarks/run.py {' '.join(sys.argv[1:])}`".replace("  ", " ") + "; "
+        f"{runs} run(s) per figure; {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; "
+        f"all processes on 127.0.0.1 (loopback).\n"
+    )
+    L.append("## Throughput\n")
+    L.append(
+        "Items received per second at the consumer, from the first item after a "
+        f"warm-up to the last; median of {runs} run(s), spread = min–max over runs. "
+        "**× raw** = median over runs of (this transport / the raw TCP baseline of "
+        "the same run and topology): raw TCP for W1 and W3, raw TCP with coalesced "
+        "sends for W2, raw TCP with one header per 256 items for W2b; relayed rows are "
+        "divided by the raw TCP relay. MB = 10^6 bytes.\n"
+    )
+    L.append(
+        "| workload | topology | transport | items/s | items/s min–max | MB/s "
+        "| × raw | × raw min–max |"
+    )
+    L.append("|---|---|---|--:|--:|--:|--:|--:|")
+    for w in sel:
+        wl = wls[w]
+        for topo in topologies:
+            for tr, m in variants(wl):
+                name = label(tr, m, wl)
+                if tr not in usable:
+                    L.append(f"| {w} | {topo} | {name} | {avail.get(tr) or 'not run'} | | | | |")
+                    continue
+                rs = results.get((w, topo, tr, m), [])
+                ok = _ok(rs)
+                if not ok:
+                    err = rs[0]["error"] if rs else "not run"
+                    L.append(f"| {w} | {topo} | {name} | FAILED: {err[:80]} | | | | |")
+                    continue
+                s = summarize([x["items_per_s"] for x in ok])
+                rr = summarize(ratio_runs(results, (w, topo, tr, m)))
+                nfail = len(rs) - len(ok)
+                fail = f" ({nfail} failed)" if nfail else ""
+                L.append(
+                    f"| {w} | {topo} | {name}{fail} | {_fmt_n(s['median'])} | "
+                    f"{_fmt_n(s['min'])}–{_fmt_n(s['max'])} | "
+                    f"{_fmt_mb(s['median'] * wl.itemsize)} | {_fmt_ratio(rr['median'])} | "
+                    f"{_fmt_ratio(rr['min'])}–{_fmt_ratio(rr['max'])} |"
+                )
+    L.append("")
+    L.append(
+        "Workloads: "
+        + "; ".join(
+            f"**{w}** {wls[w].description} ({wls[w].dtype}{list(wls[w].shape)}, "
+            f"{wls[w].itemsize:,} B/item)"
+            for w in sel
+        )
+        + ". Each producer runs "
+        f"{wls[sel[0]].duration if sel else '?'} s after the consumer connects; "
+        "the consumer's count must equal the producer's, and items are spot-checked "
+        "against the data pool (tag, last element, dtype, shape).\n"
+    )
+
+    if lat:
+        dur, warm, rate = lat_cfg
+        L.append("## Latency\n")
+        L.append(
+            f"1 KiB items at {rate:.0f} Hz for {dur:.1f} s (first {warm:.1f} s "
+            "dropped), producer to consumer: the producer writes `time.monotonic_ns()` "
+            "into the first 8 bytes as it hands the item to the transport, the consumer "
+            "subtracts on arrival. Relayed = producer → middle/server process → consumer. "
+            f"Median over {runs} run(s) of each run's percentile; max = worst of all runs.\n"
+        )
+        L.append("| transport | topology | p50 µs | p99 µs | p99 min–max | max µs | samples/run |")
+        L.append("|---|---|--:|--:|--:|--:|--:|")
+        for (tr, topo), rs in lat.items():
+            ok = _ok(rs)
+            name = {
+                "raw": "raw TCP relay",
+                "zmq": "pyzmq (zmq.proxy)",
+                "flight": "Arrow Flight (middle do_get)",
+                "ndrelay": "**ndrelay**",
+            }[tr]
+            if not ok:
+                L.append(
+                    f"| {name} | {topo} | FAILED: {rs[0]['error'][:80] if rs else '?'} | | | | |"
+                )
+                continue
+            p50 = summarize([x["p50_us"] for x in ok])
+            p99 = summarize([x["p99_us"] for x in ok])
+            mx = max(x["max_us"] for x in ok)
+            smp = summarize([x["samples"] for x in ok])
+            L.append(
+                f"| {name} | {topo} | {p50['median']:.0f} | {p99['median']:.0f} | "
+                f"{p99['min']:.0f}–{p99['max']:.0f} | {mx:.0f} | {smp['median']:.0f} |"
+            )
+        L.append("")
+
+    if mem:
+        L.append("## Memory\n")
+        L.append(
+            "W1 items (1 MiB float32 in the full run) until the given volume has passed, "
+            "count-bounded. Peak = the process's VmHWM (kernel's peak RSS); "
+            "RSS at 10 % / at end sampled every 50 ms from /proc; growth = end − 10 %. "
+            "ndrelay's buffer bound for this stream is size × item = 64 × 1 MiB in the "
+            "served topology (server default size when relayed).\n"
+        )
+        L.append(
+            "| transport | topology | volume | process | RSS at 10 % | RSS at end | peak RSS "
+            "| growth | throughput MB/s |"
+        )
+        L.append("|---|---|--:|---|--:|--:|--:|--:|--:|")
+        for (tr, topo), rs in mem.items():
+            ok = _ok(rs)
+            name = {"raw": "raw TCP relay", "ndrelay": "**ndrelay**"}.get(tr, tr)
+            if not ok:
+                err = rs[0]["error"][:80] if rs else "?"
+                L.append(f"| {name} | {topo} | | FAILED: {err} | | | | | |")
+                continue
+            x = ok[0]
+            vol = f"{x['bytes_total'] / 1e9:.2f} GB"
+            samples = x.get("rss_samples", {})
+            for role in ("server", "middle", "producer", "consumer"):
+                vm = x.get(f"vm_{role}")
+                if not vm and role not in samples:
+                    continue
+                ss = samples.get(role, [])
+                at10 = end = None
+                if ss:
+                    t_last = ss[-1][0]
+                    at10 = next((v for t, v in ss if t >= 0.1 * t_last), ss[0][1])
+                    end = ss[-1][1]
+                peak = (vm or {}).get("VmHWM")
+                growth = (end - at10) if (end is not None and at10 is not None) else None
+                who = {
+                    "server": "server",
+                    "middle": "middle (relay)",
+                    "producer": "producer"
+                    + (" (in server)" if tr == "ndrelay" and topo == "served" else ""),
+                    "consumer": "consumer",
+                }[role]
+                if tr == "ndrelay" and topo == "served" and role == "producer":
+                    continue
+                gtxt = "–" if growth is None else f"{growth / MiB:+,.0f} MiB"
+                L.append(
+                    f"| {name} | {topo} | {vol} | {who} | {_fmt_bytes(at10)} | "
+                    f"{_fmt_bytes(end)} | {_fmt_bytes(peak)} | {gtxt} | "
+                    f"{x['bytes_per_s'] / 1e6:,.0f} |"
+                )
+        L.append("")
+
+    targets = _targets(results, lat, mem, wls)
+    if targets:
+        L.append("## ndrelay against its targets\n")
+        L.append("Informational: nothing here is asserted.\n")
+        L.append("| target | measured | met |")
+        L.append("|---|--:|:-:|")
+        L.extend(targets)
+        L.append("")
+
+    L.append("## Peers\n")
+    L.append(
+        "- **raw TCP**: 8-byte length prefix per frame, TCP_NODELAY; consumer `recv_into` "
+        "a fresh `np.empty` per item (small items: one `recv_into` of a 1 MiB staging "
+        "buffer, then a fresh copy per item). W2 one-send-per-item = one `sendmsg` per "
+        "item; W2 coalesced = 256 framed items per `sendall`; W2b = 256 items behind "
+        "one header. Relayed: a middle process forwards whole frames (small: batches "
+        "of complete frames per `sendall`; large: store-and-forward per frame)."
+    )
+    L.append(
+        "- **pyzmq**: PUSH/PULL over tcp, one item per message (W2b: 256 per message), "
+        "`copy=False` for messages ≥ 64 KiB; relayed through `zmq.proxy(PULL, PUSH)`."
+    )
+    L.append(
+        "- **Arrow Flight**: `do_get` streaming record batches of one "
+        "FixedSizeList<dtype, N> column, one row per item (W2b: 256 rows per batch); "
+        "relayed through a middle Flight server that `do_get`s from the producer and "
+        "forwards with `RecordBatchStream` (C++, no GIL)."
+    )
+    L.append(
+        "- **ndrelay**: served = `relay.publish(name, generator, size=64)` in the server "
+        "process, `RelayClient.stream` over HTTP; relayed = bare `create_app(Relay())` "
+        "server, `RelayClient.publish` uploader process, `RelayClient.stream` consumer "
+        "process. W2b consumer: `stream(batch=256, stack=True)`."
+    )
+    L.append("")
+    L.append("## Machine\n")
+    L.append("| | |")
+    L.append("|---|---|")
+    for k, v in machine_description().items():
+        L.append(f"| {k} | {v} |")
+    L.append(f"| wall time of this run | {time.perf_counter() - log.t0:.0f} s |")
+    L.append("")
+    missing = [f"{t}: {avail[t]}" for t in TRANSPORTS if avail.get(t)]
+    if missing:
+        L.append("Not run: " + "; ".join(missing) + "\n")
+    if failures:
+        L.append("## Failures\n")
+        L.extend(f"- {f}" for f in failures)
+        L.append("")
+    return "\n".join(L)
+
+
+def _targets(
+    results: dict[tuple[str, str, str, str], list[dict[str, Any]]],
+    lat: dict[tuple[str, str], list[dict[str, Any]]],
+    mem: dict[tuple[str, str], list[dict[str, Any]]],
+    wls: dict[str, Workload],
+) -> list[str]:
+    rows = []
+
+    def ratio(w: str, topo: str) -> float:
+        return summarize(ratio_runs(results, (w, topo, "ndrelay", "")))["median"]
+
+    def row(name: str, val: float, fmt: str, ok: bool) -> None:
+        if math.isfinite(val):
+            rows.append(f"| {name} | {fmt} | {'yes' if ok else '**no**'} |")
+
+    for topo, base in (("served", "raw TCP"), ("relayed", "raw TCP relay")):
+        r = ratio("W1", topo)
+        row(f"W1 {topo} ≥ 0.8× {base}", r, _fmt_ratio(r), r >= 0.8)
+    for topo in ("served", "relayed"):
+        r = ratio("W2", topo)
+        row(f"W2 {topo} ≥ 0.3× raw per-item loop with coalesced sends", r, _fmt_ratio(r), r >= 0.3)
+    for topo in ("served", "relayed"):
+        ok = _ok(results.get(("W2b", topo, "ndrelay", ""), []))
+        v = summarize([x["items_per_s"] for x in ok])["median"]
+        row(f"W2b {topo} ≥ 2.5M items/s", v, f"{_fmt_n(v)}/s", v >= 2.5e6)
+    ok = _ok(lat.get(("ndrelay", "relayed"), []))
+    if ok:
+        v = summarize([x["p99_us"] for x in ok])["median"]
+        row("relayed latency p99 ≤ 2 ms at 1 kHz", v, f"{v / 1000:.2f} ms", v <= 2000)
+    for topo in ("relayed", "served"):
+        ok = _ok(mem.get(("ndrelay", topo), []))
+        if ok:
+            x = ok[0]
+            peak = x.get("vm_server", {}).get("VmHWM", float("nan"))
+            # bounded: the server's peak stays below ~4x its buffer bound plus 256 MiB of
+            # interpreter/heap, whatever the volume
+            bound = 4 * 64 * MiB + 256 * MiB
+            row(
+                f"server RSS bounded ({topo}; {x['bytes_total'] / 1e9:.1f} GB through)",
+                peak,
+                f"peak {_fmt_bytes(peak)}",
+                peak <= bound,
+            )
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -179,10 +179,10 @@ def encode_frame(frame: Frame) -> bytes:
             {
                 "kind": "error",
                 "seq": frame.seq,
-                "origin": frame.origin,
-                "type": frame.type,
-                "message": frame.message,
-                "traceback": frame.traceback,
+                "origin": _utf8_safe(frame.origin),
+                "type": _utf8_safe(frame.type),
+                "message": _utf8_safe(frame.message),
+                "traceback": _utf8_safe(frame.traceback),
             }
         )
     if isinstance(frame, HeartbeatFrame):
@@ -191,6 +191,19 @@ def encode_frame(frame: Frame) -> bytes:
 
 
 _HEARTBEAT = _pack({"kind": "heartbeat"})
+
+
+def _utf8_safe(text: str) -> str:
+    """`text`, with lone surrogates escaped (`\\udcff`), since msgpack strings are UTF-8.
+
+    Exception text picks them up from undecodable file names (`surrogateescape`); a
+    failure must still be reported, not turned into a `UnicodeEncodeError` here.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 # -- decoding ---------------------------------------------------------------------------

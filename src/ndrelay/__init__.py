@@ -33,6 +33,7 @@ from ._exceptions import (
     NDRelayError,
     ProtocolError,
     RegistryError,
+    RelayHTTPError,
     RelayTimeout,
     RemoteError,
     RemoteProtocolError,
@@ -43,12 +44,13 @@ from ._exceptions import (
     StreamInterrupted,
     StreamNotFound,
     TransportError,
+    UploadRefused,
 )
 from ._frames import DataFrame, EndFrame, ErrorFrame, Frame, HeartbeatFrame
 from ._version import __version__
 
 if TYPE_CHECKING:
-    from ._client import AsyncRelayClient, RelayClient, RemoteStream
+    from ._client import AsyncRelayClient, AsyncRemoteStream, RelayClient, RemoteStream
     from .registry import MemoryRegistry, Registry
     from .server import Relay, create_app
 
@@ -56,6 +58,7 @@ __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
     "MEDIA_TYPE",
     "AsyncRelayClient",
+    "AsyncRemoteStream",
     "AuthError",
     "Buffer",
     "ConnectError",
@@ -78,6 +81,7 @@ __all__ = [
     "RegistryError",
     "Relay",
     "RelayClient",
+    "RelayHTTPError",
     "RelayTimeout",
     "RemoteError",
     "RemoteProtocolError",
@@ -90,6 +94,7 @@ __all__ = [
     "StreamNotFound",
     "Streamable",
     "TransportError",
+    "UploadRefused",
     "__version__",
     "batch_iterator",
     "create_app",
@@ -99,6 +104,7 @@ __all__ = [
 
 _LAZY = {
     "AsyncRelayClient": "._client",
+    "AsyncRemoteStream": "._client",
     "RelayClient": "._client",
     "RemoteStream": "._client",
     "MemoryRegistry": ".registry",

@@ -15,7 +15,9 @@ NDRelayError
 │  ├─ StreamClosed           409: upload to a finished stream
 │  ├─ StreamConflict         409: create with a different definition
 │  ├─ SchemaMismatch         422: dtype/shape against the stream's declared schema
-│  └─ RemoteError            an `error` frame arrived; also subclasses the matching builtin
+│  ├─ RemoteError            an `error` frame arrived; also subclasses the matching builtin
+│  └─ UploadRefused          the relay refused a frame of an upload (.frame_index, .accepted)
+├─ RelayHTTPError            any other refusal by the relay (.status, .body)
 ├─ AuthError                 401
 └─ RegistryError             backend failure; too many streams
 ```
@@ -47,6 +49,8 @@ __all__ = [
     "StreamInterrupted",
     "StreamNotFound",
     "TransportError",
+    "RelayHTTPError",
+    "UploadRefused",
 ]
 
 
@@ -147,6 +151,42 @@ class SchemaMismatch(StreamError):
     """An array does not match the stream's declared dtype/shape."""
 
     status_hint = 422
+
+
+class UploadRefused(StreamError):
+    """The relay refused a frame of an upload; the frames before it were accepted.
+
+    Attributes:
+        status: the HTTP status (400 malformed, 413 too large, 422 schema, 409 finished).
+        frame_index: index of the refused frame in the upload.
+        accepted: frames accepted before it.
+        next_seq: the stream's next seq after the accepted ones.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int,
+        frame_index: int | None = None,
+        accepted: int | None = None,
+        next_seq: int | None = None,
+        stream_name: str | None = None,
+    ) -> None:
+        super().__init__(message, stream_name=stream_name)
+        self.status = status
+        self.frame_index = frame_index
+        self.accepted = accepted
+        self.next_seq = next_seq
+
+
+class RelayHTTPError(NDRelayError):
+    """The relay answered an error status not covered by a more precise exception."""
+
+    def __init__(self, message: str, *, status: int, body: object = None) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.body = body
 
 
 class AuthError(NDRelayError):

@@ -386,7 +386,7 @@ class UploadResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         stream = self.stream
         decoder = FrameDecoder(self.settings.max_frame_bytes)
-        accepted = items = 0
+        accepted = items = seen = 0
         finished = False
         stream.producers += 1  # type: ignore[attr-defined]
         try:
@@ -401,11 +401,10 @@ class UploadResponse(Response):
                 more = message.get("more_body", False)
                 decoder.feed(message.get("body", b""))
                 for frame in decoder.frames():
+                    index = seen
+                    seen += 1
                     if finished:
-                        raise _Refused(
-                            400, "frame after the end of the stream", decoder.frame_index - 1
-                        )
-                    index = decoder.frame_index - 1
+                        raise _Refused(400, "frame after the end of the stream", index)
                     if isinstance(frame, DataFrame):
                         batch = frame.items()
                         try:
@@ -440,7 +439,7 @@ class UploadResponse(Response):
             return
         except StreamClosed as exc:
             await self._refuse(
-                receive, send, 409, str(exc), decoder.frame_index - 1, accepted, more
+                receive, send, 409, str(exc), seen - 1, accepted, more
             )
             return
         finally:

@@ -1,0 +1,743 @@
+"""`RelayClient` and `AsyncRelayClient`: the same API over one event loop or none.
+
+Both share `_BaseClient` (URLs, headers, error mapping) and `StreamState` (frames to
+items and batches). The sync client reads and uploads stream bodies through the lean
+`_http` connection (zero-copy both ways); everything else goes through httpx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue as queue_module
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterable
+from types import TracebackType
+from typing import Any, Self
+from urllib.parse import quote, urlencode
+
+import httpx
+
+from ._buffers import Buffer, ExceptionSentinel, Prefetch
+from ._codec import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, encode_data_parts, encode_frame
+from ._exceptions import (
+    AuthError,
+    ConnectError,
+    FrameTooLarge,
+    LocalProtocolError,
+    NDRelayError,
+    RegistryError,
+    RelayHTTPError,
+    RelayTimeout,
+    SchemaMismatch,
+    StreamClosed,
+    StreamConflict,
+    StreamInterrupted,
+    StreamNotFound,
+    TransportError,
+    UploadRefused,
+)
+from ._frames import EndFrame, ErrorFrame
+from ._http import Endpoint, HTTPResponse, open_request, read_response
+from ._stream import StreamState
+
+__all__ = ["AsyncRelayClient", "AsyncRemoteStream", "RelayClient", "RemoteStream"]
+
+#: Upload chunks gather small frames up to about this many bytes.
+_UPLOAD_CHUNK = 256 * 1024
+_ERRORS_BY_NAME: dict[str, type[NDRelayError]] = {
+    cls.__name__: cls
+    for cls in (
+        AuthError,
+        FrameTooLarge,
+        RegistryError,
+        SchemaMismatch,
+        StreamClosed,
+        StreamConflict,
+        StreamNotFound,
+    )
+}
+
+
+class _BaseClient:
+    """URLs, headers, timeouts and error mapping; no I/O."""
+
+    def __init__(
+        self,
+        url: str = "http://127.0.0.1:8000",
+        *,
+        token: str | None = None,
+        timeout: float | None = 30.0,
+        read_timeout: float | None = 60.0,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        verify: Any = True,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+        self.read_timeout = read_timeout
+        self.max_frame_size = max_frame_size
+        self._endpoint = Endpoint.from_url(self.url, timeout, read_timeout, verify)
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    @staticmethod
+    def _path(name: str, suffix: str = "") -> str:
+        return f"/streams/{quote(name, safe='')}{suffix}"
+
+    @staticmethod
+    def _stream_query(batch: int | None, policy: str | None) -> str:
+        params: dict[str, Any] = {}
+        if batch is not None and batch > 1:
+            params["batch"] = batch
+        if policy is not None:
+            params["policy"] = policy
+        return "?" + urlencode(params) if params else ""
+
+    def _error(self, status: int, body: Any, url: str, name: str | None = None) -> NDRelayError:
+        """The exception for an error answer of the relay."""
+        if not isinstance(body, dict):
+            body = {"message": str(body)[:500]}
+        message = str(body.get("message") or body.get("detail") or body)
+        if body.get("error") == "upload refused":
+            return UploadRefused(
+                f"{message} (accepted {body.get('accepted')} frames before it)",
+                status=status,
+                frame_index=body.get("frame_index"),
+                accepted=body.get("accepted"),
+                next_seq=body.get("next_seq"),
+                stream_name=name,
+            )
+        cls = _ERRORS_BY_NAME.get(str(body.get("error")))
+        if cls is None:
+            cls = {401: AuthError, 404: StreamNotFound}.get(status)
+        if cls is AuthError or cls is RegistryError:
+            return cls(f"{message} ({url})")
+        if cls is FrameTooLarge:
+            return FrameTooLarge(message)
+        if cls is not None:
+            return cls(message, stream_name=name)  # type: ignore[call-arg]
+        return RelayHTTPError(f"{message} ({url})", status=status, body=body)
+
+    def _check(self, response: httpx.Response, name: str | None = None) -> httpx.Response:
+        if response.status_code >= 400:
+            try:
+                body = response.json()
+            except ValueError:
+                body = response.text
+            raise self._error(response.status_code, body, str(response.url), name)
+        return response
+
+
+def _translate(exc: httpx.HTTPError, url: str) -> NDRelayError:
+    if isinstance(exc, httpx.TimeoutException):
+        return RelayTimeout(f"timed out: {exc}", url=url)
+    if isinstance(exc, httpx.ConnectError):
+        return ConnectError(f"cannot connect: {exc}", url=url)
+    return TransportError(f"{type(exc).__name__}: {exc}", url=url)
+
+
+def _spec(size: int, mode: str, max_bytes: int | None, dtype: Any, shape: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"size": size, "mode": mode}
+    if max_bytes is not None:
+        body["max_bytes"] = max_bytes
+    if dtype is not None:
+        import numpy as np
+
+        body["dtype"] = np.dtype(dtype).str
+    if shape is not None:
+        body["shape"] = list(shape)
+    return body
+
+
+# -- sync ------------------------------------------------------------------------------
+
+
+class _UnitQueue:
+    """Bounded hand-over from a reader thread: units, then a sticky terminal.
+
+    A `ReadableQueue`: `get()` gives units, then `None` (end) or an `ExceptionSentinel`,
+    again on every later call, so any number of readers all see the end.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = max(1, maxsize)
+        self._units: deque[Any] = deque()
+        self._terminal: list[Any] = []  # [None] or [ExceptionSentinel(...)] once finished
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def put_many(self, units: list[Any]) -> bool:
+        """Add units, waiting while full; False if the queue was closed meanwhile."""
+        with self._cond:
+            while len(self._units) >= self.maxsize and not self._closed:
+                self._cond.wait(0.5)
+            if self._closed:
+                return False
+            self._units.extend(units)
+            self._cond.notify_all()
+            return True
+
+    def finish(self, terminal: None | ExceptionSentinel) -> None:
+        with self._cond:
+            if not self._terminal:
+                self._terminal.append(terminal)
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Stop accepting units (the reader stops); readers get the end after what is held."""
+        with self._cond:
+            self._closed = True
+            if not self._terminal:
+                self._terminal.append(None)
+            self._cond.notify_all()
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                if self._units:
+                    unit = self._units.popleft()
+                    self._cond.notify_all()
+                    return unit
+                if self._terminal:
+                    return self._terminal[0]
+                if not block:
+                    raise queue_module.Empty
+                wait = None if deadline is None else deadline - time.monotonic()
+                if wait is not None and wait <= 0:
+                    raise queue_module.Empty
+                self._cond.wait(wait)
+
+    def get_nowait(self) -> Any:
+        return self.get(block=False)
+
+    def empty(self) -> bool:
+        with self._cond:
+            return not self._units and not self._terminal
+
+    def qsize(self) -> int:
+        return len(self._units)
+
+
+class RemoteStream(Buffer[Any]):
+    """A remote stream as a local `Buffer`: iterate it, or read `.queue`.
+
+    A background thread reads the response into a bounded queue (`prefetch` units).
+    Iteration ends where the producer ended and raises where it raised (`RemoteError`,
+    also an instance of the producer's builtin exception type); a response cut off
+    before its `end`/`error` frame raises `StreamInterrupted`. `close()` (or leaving a
+    `with` block) stops the thread and the HTTP request.
+
+    Attributes:
+        name: the stream's name.
+        state: the `StreamState` (`last_seq`, `gaps` skipped by fanout drop policies).
+    """
+
+    queue: _UnitQueue
+
+    def __init__(
+        self,
+        response: HTTPResponse,
+        name: str,
+        state: StreamState,
+        prefetch: int,
+        max_frame_size: int,
+    ) -> None:
+        super().__init__(_UnitQueue(prefetch))
+        self.name = name
+        self.state = state
+        self._response = response
+        self._decoder = FrameDecoder(max_frame_size)
+        self._closing = threading.Event()
+        self._thread = threading.Thread(
+            target=self._read, name=f"ndrelay-stream-{name}", daemon=True
+        )
+        self._thread.start()
+
+    def _read(self) -> None:
+        state, queue = self.state, self.queue
+        try:
+            for frame in self._response.iter_frames(self._decoder):
+                units = state.handle(frame)
+                if units and not queue.put_many(units):
+                    return  # closed by the reader
+                if state.finished:
+                    queue.finish(None if state.error is None else ExceptionSentinel(state.error))
+                    return
+            raise StreamInterrupted(
+                f"stream {self.name!r} was cut off after seq {state.last_seq} "
+                "(no end or error frame)",
+                url=self._response.url,
+            )
+        except Exception as exc:
+            if self._closing.is_set():
+                return
+            if isinstance(exc, OSError):
+                exc = StreamInterrupted(
+                    f"stream {self.name!r} broke: {exc}", url=self._response.url
+                )
+            queue.put_many(state.flush())
+            queue.finish(ExceptionSentinel(exc))
+        finally:
+            self._response.close()
+
+    def close(self, timeout: float | None = 5.0) -> None:
+        """Stop the reader thread and the HTTP request; iteration then ends."""
+        self._closing.set()
+        self.queue.close()
+        self._response.close()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_thread", None) is not None and self._thread.is_alive():
+            self._closing.set()
+            self.queue.close()
+            self._response.close()
+
+
+class RelayClient(_BaseClient):
+    """Client of an ndrelay server.
+
+    ```python
+    with RelayClient("http://rig:8000", token=...) as relay:
+        relay.publish("radar", frames)                # end on exhaustion, error if it raises
+        for batch in relay.stream("radar", batch=8):  # lists of 8, the last partial
+            ...
+    ```
+
+    Args:
+        url: the relay's base URL.
+        token: bearer token, if the relay wants one.
+        timeout: seconds for connecting and for each JSON call.
+        read_timeout: seconds a stream may stay silent before `RelayTimeout`
+            (the relay sends heartbeats every 15 s by default).
+        max_frame_size: largest frame this client accepts.
+        verify: TLS verification for https (bool, CA bundle path or `ssl.SSLContext`).
+    """
+
+    def __init__(self, url: str = "http://127.0.0.1:8000", **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self._http = httpx.Client(
+            base_url=self.url,
+            headers=self._headers,
+            timeout=self.timeout,
+            verify=kwargs.get("verify", True),
+        )
+        self._streams: list[RemoteStream] = []
+
+    # -- JSON calls ----------------------------------------------------------------------
+
+    def _call(
+        self, method: str, path: str, name: str | None = None, **kwargs: Any
+    ) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise _translate(exc, self.url + path) from None
+        return self._check(response, name)
+
+    def streams(self) -> list[dict[str, Any]]:
+        """Info of every stream on the relay."""
+        return self._call("GET", "/streams").json()  # type: ignore[no-any-return]
+
+    def info(self, name: str) -> dict[str, Any]:
+        """Definition, state and counters of one stream (`StreamNotFound` if none)."""
+        return self._call("GET", self._path(name, "/info"), name).json()  # type: ignore[no-any-return]
+
+    def create(
+        self,
+        name: str,
+        size: int = 64,
+        *,
+        mode: str = "queue",
+        max_bytes: int | None = None,
+        dtype: Any = None,
+        shape: Any = None,
+    ) -> dict[str, Any]:
+        """Create a stream (idempotent if identical; `StreamConflict` if different)."""
+        body = _spec(size, mode, max_bytes, dtype, shape)
+        return self._call("PUT", self._path(name), name, json=body).json()  # type: ignore[no-any-return]
+
+    def delete(self, name: str) -> None:
+        """Delete a stream; its consumers get a `relay` error."""
+        self._call("DELETE", self._path(name), name)
+
+    def healthz(self) -> dict[str, Any]:
+        return self._call("GET", "/healthz").json()  # type: ignore[no-any-return]
+
+    # -- data path -----------------------------------------------------------------------
+
+    def stream(
+        self,
+        name: str,
+        batch: int | None = None,
+        stack: bool = False,
+        prefetch: int = 64,
+        *,
+        policy: str | None = None,
+    ) -> RemoteStream:
+        """Read a stream: a `Buffer` of items, or of batches with `batch=N`.
+
+        Args:
+            name: the stream.
+            batch: yield lists of `batch` items (the last one partial), like `batch_iterator`.
+            stack: with `batch`, yield one array of shape `(n, *item_shape)` per batch.
+            prefetch: units (items or batches) read ahead by the background thread.
+            policy: fanout streams: `block`, `drop_oldest` or `latest`.
+
+        Raises:
+            StreamNotFound, AuthError, ConnectError: at once, before any item.
+        """
+        if stack and batch is None:
+            raise ValueError("stack=True needs batch=N")
+        state = StreamState(name, batch, stack)
+        path = self._path(name) + self._stream_query(batch, policy)
+        conn, url = open_request(
+            self._endpoint, "GET", path, {"Accept": "application/x-msgpack", **self._headers}
+        )
+        response = read_response(conn, url)
+        if response.status != 200:
+            body = _json_or_text(response.read_all())
+            response.close()
+            raise self._error(response.status, body, url, name)
+        remote = RemoteStream(response, name, state, prefetch, self.max_frame_size)
+        self._streams = [s for s in self._streams if s._thread.is_alive()]
+        self._streams.append(remote)
+        return remote
+
+    def publish(
+        self,
+        name: str,
+        items: Iterable[Any],
+        *,
+        end: bool = True,
+        prefetch: int = 64,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Upload `items` (arrays or bytes) to stream `name`, creating it if needed.
+
+        The iterable runs in a background thread (`prefetch` items ahead); items that
+        are ready together travel in one write. When it is exhausted, an `end` frame
+        finishes the stream (unless `end=False`: later uploads may append). If it
+        raises, an `error` frame carries the exception to the consumers, and it is
+        re-raised here once the relay has it.
+
+        Args:
+            timeout: longest wait for the relay to take more data (it holds the upload
+                while the stream's buffer is full); `None` waits as long as it takes.
+
+        Returns:
+            The relay's answer: `{"accepted": frames, "items": n, "next_seq": n}`.
+
+        Raises:
+            UploadRefused: the relay refused a frame (the ones before it were kept).
+        """
+        endpoint = self._endpoint
+        headers = {"Content-Type": "application/x-msgpack", **self._headers}
+        conn, url = open_request(endpoint, "POST", self._path(name), headers, chunked_body=True)
+        conn.sock.settimeout(timeout)
+        failure: BaseException | None = None
+        seq = 0
+        try:
+            with Prefetch(items, size=prefetch) as source:
+                queue = source.queue
+                finished = False
+                while not finished:
+                    unit = queue.get()
+                    parts: list[Any] = []
+                    size = 0
+                    while True:
+                        if unit is None:
+                            finished = True
+                            if end:
+                                parts.append(encode_frame(EndFrame(seq)))
+                            break
+                        if isinstance(unit, ExceptionSentinel):
+                            finished = True
+                            failure = unit.exception
+                            parts.append(encode_frame(ErrorFrame.from_exception(failure, seq=seq)))
+                            break
+                        try:
+                            frame_parts = encode_data_parts(seq, unit)
+                        except LocalProtocolError as exc:
+                            finished = True
+                            failure = exc
+                            parts.append(encode_frame(ErrorFrame.from_exception(exc, seq=seq)))
+                            break
+                        parts.extend(frame_parts)
+                        size += len(frame_parts[0]) + len(frame_parts[1])
+                        seq += 1
+                        if size >= _UPLOAD_CHUNK:
+                            break
+                        try:
+                            unit = queue.get_nowait()
+                        except Exception:  # queue.Empty: nothing more ready now
+                            break
+                    total = sum(len(p) for p in parts)
+                    buffers = [b"%x\r\n" % total, *parts, b"\r\n"] if total else []
+                    if finished:
+                        buffers.append(b"0\r\n\r\n")
+                    if conn.readable_now():
+                        break  # the relay answered early: it refused something
+                    try:
+                        conn.send_buffers(buffers)
+                    except TimeoutError:
+                        raise RelayTimeout(
+                            f"the relay took no data for {timeout} s", url=url
+                        ) from None
+                    except OSError:
+                        break  # the relay closed: its answer says why
+            conn.sock.settimeout(self.read_timeout)
+            response = read_response(conn, url)
+            body = _json_or_text(response.read_all())
+        finally:
+            conn.close()
+        if response.status != 200:
+            raise self._error(response.status, body, url, name)
+        if failure is not None:
+            raise failure
+        return body  # type: ignore[no-any-return]
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close open streams and the HTTP client."""
+        for remote in self._streams:
+            remote.close()
+        self._streams = []
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _json_or_text(data: bytes) -> Any:
+    import json
+
+    try:
+        return json.loads(data)
+    except ValueError:
+        return data.decode("utf-8", "replace")
+
+
+# -- async -----------------------------------------------------------------------------
+
+
+class AsyncRemoteStream:
+    """`async for` over a remote stream (see `RemoteStream`); `aclose()` stops it."""
+
+    def __init__(
+        self,
+        response: httpx.Response,
+        name: str,
+        state: StreamState,
+        prefetch: int,
+        max_frame_size: int,
+    ) -> None:
+        self.name = name
+        self.state = state
+        self._response = response
+        self._queue: asyncio.Queue[Any] = asyncio.Queue(max(1, prefetch))
+        self._terminal: Any = ()  # () while open; None or an exception once finished
+        self._task = asyncio.create_task(self._read(max_frame_size))
+
+    async def _read(self, max_frame_size: int) -> None:
+        state, queue = self.state, self._queue
+        decoder = FrameDecoder(max_frame_size)
+        try:
+            async for chunk in self._response.aiter_raw():
+                decoder.feed(chunk)
+                for frame in decoder.frames():
+                    for unit in state.handle(frame):
+                        await queue.put(unit)
+                    if state.finished:
+                        await queue.put(ExceptionSentinel(state.error) if state.error else None)
+                        return
+            decoder.feed_eof()
+            raise StreamInterrupted(
+                f"stream {self.name!r} was cut off after seq {state.last_seq} "
+                "(no end or error frame)",
+                url=str(self._response.url),
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if isinstance(exc, httpx.HTTPError):
+                exc = StreamInterrupted(
+                    f"stream {self.name!r} broke: {exc}", url=str(self._response.url)
+                )
+            for unit in state.flush():
+                await queue.put(unit)
+            await queue.put(ExceptionSentinel(exc))
+        finally:
+            await self._response.aclose()
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._terminal != ():
+            return self._raise_terminal()
+        unit = await self._queue.get()
+        if unit is None or isinstance(unit, ExceptionSentinel):
+            self._terminal = unit
+            return self._raise_terminal()
+        return unit
+
+    def _raise_terminal(self) -> Any:
+        if isinstance(self._terminal, ExceptionSentinel):
+            raise self._terminal.exception
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        """Stop the reader task and the HTTP request."""
+        if self._terminal == ():
+            self._terminal = None
+        self._task.cancel()
+        try:
+            await self._task
+        except (asyncio.CancelledError, Exception):
+            pass
+        await self._response.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class AsyncRelayClient(_BaseClient):
+    """The asyncio twin of `RelayClient` (same arguments and methods, awaited)."""
+
+    def __init__(self, url: str = "http://127.0.0.1:8000", **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self._http = httpx.AsyncClient(
+            base_url=self.url,
+            headers=self._headers,
+            timeout=httpx.Timeout(self.timeout, read=self.read_timeout),
+            verify=kwargs.get("verify", True),
+        )
+        self._streams: list[AsyncRemoteStream] = []
+
+    async def _call(
+        self, method: str, path: str, name: str | None = None, **kwargs: Any
+    ) -> httpx.Response:
+        try:
+            response = await self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise _translate(exc, self.url + path) from None
+        return self._check(response, name)
+
+    async def streams(self) -> list[dict[str, Any]]:
+        return (await self._call("GET", "/streams")).json()  # type: ignore[no-any-return]
+
+    async def info(self, name: str) -> dict[str, Any]:
+        return (await self._call("GET", self._path(name, "/info"), name)).json()  # type: ignore[no-any-return]
+
+    async def create(
+        self,
+        name: str,
+        size: int = 64,
+        *,
+        mode: str = "queue",
+        max_bytes: int | None = None,
+        dtype: Any = None,
+        shape: Any = None,
+    ) -> dict[str, Any]:
+        body = _spec(size, mode, max_bytes, dtype, shape)
+        return (await self._call("PUT", self._path(name), name, json=body)).json()  # type: ignore[no-any-return]
+
+    async def delete(self, name: str) -> None:
+        await self._call("DELETE", self._path(name), name)
+
+    async def healthz(self) -> dict[str, Any]:
+        return (await self._call("GET", "/healthz")).json()  # type: ignore[no-any-return]
+
+    async def stream(
+        self,
+        name: str,
+        batch: int | None = None,
+        stack: bool = False,
+        prefetch: int = 64,
+        *,
+        policy: str | None = None,
+    ) -> AsyncRemoteStream:
+        """Read a stream: `async for item in await client.stream(name)`."""
+        if stack and batch is None:
+            raise ValueError("stack=True needs batch=N")
+        state = StreamState(name, batch, stack)
+        path = self._path(name) + self._stream_query(batch, policy)
+        request = self._http.build_request("GET", path, headers={"Accept": "application/x-msgpack"})
+        try:
+            response = await self._http.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise _translate(exc, self.url + path) from None
+        if response.status_code != 200:
+            await response.aread()
+            await response.aclose()
+            self._check(response, name)
+        remote = AsyncRemoteStream(response, name, state, prefetch, self.max_frame_size)
+        self._streams.append(remote)
+        return remote
+
+    async def publish(self, name: str, items: Any, *, end: bool = True) -> dict[str, Any]:
+        """Upload `items` (iterable or async iterable); see `RelayClient.publish`."""
+        failure: list[BaseException] = []
+
+        async def body() -> AsyncIterator[bytes]:
+            seq = 0
+            try:
+                if hasattr(items, "__aiter__"):
+                    async for item in items:
+                        yield b"".join(encode_data_parts(seq, item))
+                        seq += 1
+                else:
+                    for item in items:
+                        yield b"".join(encode_data_parts(seq, item))
+                        seq += 1
+            except Exception as exc:
+                failure.append(exc)
+                yield encode_frame(ErrorFrame.from_exception(exc, seq=seq))
+                return
+            if end:
+                yield encode_frame(EndFrame(seq))
+
+        response = await self._call(
+            "POST",
+            self._path(name),
+            name,
+            content=body(),
+            headers={"Content-Type": "application/x-msgpack"},
+        )
+        if failure:
+            raise failure[0]
+        return response.json()  # type: ignore[no-any-return]
+
+    async def aclose(self) -> None:
+        for remote in self._streams:
+            await remote.aclose()
+        self._streams = []
+        await self._http.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

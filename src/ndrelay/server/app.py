@@ -438,9 +438,7 @@ class UploadResponse(Response):
             await self._refuse(receive, send, exc.status, exc.reason, exc.index, accepted, more)
             return
         except StreamClosed as exc:
-            await self._refuse(
-                receive, send, 409, str(exc), seen - 1, accepted, more
-            )
+            await self._refuse(receive, send, 409, str(exc), seen - 1, accepted, more)
             return
         finally:
             stream.producers -= 1  # type: ignore[attr-defined]

@@ -1,0 +1,5 @@
+"""`python -m ndrelay`: the `ndrelay` command."""
+
+from ._cli import main
+
+main()

@@ -1,0 +1,72 @@
+"""Shared fixtures: a real uvicorn server on 127.0.0.1 running a `Relay`."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import uvicorn
+
+from ndrelay import Relay, create_app
+from ndrelay.server import Settings
+
+
+class ServerHandle:
+    """A running relay: its `url`, its in-process `relay`, and `stop()`."""
+
+    def __init__(self, relay: Relay, **config: Any) -> None:
+        self.relay = relay
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        cfg = uvicorn.Config(
+            create_app(relay), log_level="warning", timeout_graceful_shutdown=5, **config
+        )
+        self.server = uvicorn.Server(cfg)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [sock]}, name="test-uvicorn", daemon=True
+        )
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("test server did not start")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.relay.close("server shutting down", timeout=2)
+        self.server.should_exit = True
+        self.thread.join(10)
+        assert not self.thread.is_alive(), "test server did not stop"
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., ServerHandle]]:
+    """Factory: `serve(relay=None, **settings)` starts a server; all stop at teardown."""
+    handles: list[ServerHandle] = []
+
+    def start(relay: Relay | None = None, **settings: Any) -> ServerHandle:
+        if relay is None:
+            relay = Relay(settings=Settings(**settings))
+        elif settings:
+            for key, value in settings.items():
+                setattr(relay.settings, key, value)
+        handle = ServerHandle(relay)
+        handles.append(handle)
+        return handle
+
+    yield start
+    for handle in handles:
+        handle.stop()
+
+
+@pytest.fixture
+def server(serve: Callable[..., ServerHandle]) -> ServerHandle:
+    """One running relay with default settings."""
+    return serve()

@@ -339,6 +339,12 @@ def _version(mod: str) -> str:
 
         return metadata.version(mod)
     except Exception:
+        pass
+    try:  # e.g. ndrelay run from the working tree's src/ without being installed
+        m = __import__(mod)
+        v = getattr(m, "__version__", None)
+        return f"{v} (not installed, from {os.path.dirname(m.__file__ or '?')})" if v else "?"
+    except Exception:
         return "not installed"
 
 

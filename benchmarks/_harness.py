@@ -4,7 +4,9 @@ with timeouts, sample RSS, and kill every process it started (by PID) on the way
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import queue as queue_mod
+import resource
 import threading
 import time
 from typing import Any
@@ -41,6 +43,10 @@ class Harness:
         self.rss: dict[str, list[tuple[float, int]]] = {}
         self._stop = threading.Event()
         self._sampler: threading.Thread | None = None
+        self._cpu0 = _cpu_snapshot()
+        #: CPU (in cores) that processes other than this harness and its children used
+        #: while the measurement ran: set by close().
+        self.foreign_cores: float | None = None
 
     # -- processes ------------------------------------------------------------------------
     def start(self, role: str, target: str, **kwargs: Any) -> int:
@@ -109,6 +115,7 @@ class Harness:
                 p.kill()  # SIGKILL by PID: only processes this harness started
         for p in self.procs.values():
             p.join(timeout=5)
+        self.foreign_cores = _foreign_cores(self._cpu0, _cpu_snapshot())
         if self._sampler is not None:
             self._sampler.join(timeout=1)
         self.q.close()
@@ -119,6 +126,28 @@ class Harness:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _cpu_snapshot() -> tuple[float, float, float]:
+    """(wall, machine busy CPU seconds (user+nice+system from /proc/stat), CPU seconds of
+    this process and its reaped children)."""
+    busy = float("nan")
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        busy = sum(int(x) for x in fields[1:4]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        pass
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    ch = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.perf_counter(), busy, me.ru_utime + me.ru_stime + ch.ru_utime + ch.ru_stime
+
+
+def _foreign_cores(a: tuple[float, float, float], b: tuple[float, float, float]) -> float:
+    wall = b[0] - a[0]
+    if wall <= 0:
+        return float("nan")
+    return max(0.0, ((b[1] - a[1]) - (b[2] - a[2])) / wall)
 
 
 def _wants_go(target: str) -> set[str]:

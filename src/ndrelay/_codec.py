@@ -120,6 +120,19 @@ def _array_headers(
 _BYTES_PREFIX = b"\x83" + _pack("kind") + _pack("data") + _K_SEQ
 
 
+def _uint(value: Any, key: str) -> int:
+    """`value` as a wire integer (numpy integers accepted), else `LocalProtocolError`."""
+    if type(value) is not int:
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise LocalProtocolError(
+                f"{key} must be a non-negative integer, got {value!r}", key=key
+            )
+        value = int(value)
+    if not 0 <= value < 1 << 64:
+        raise LocalProtocolError(f"{key} must be a non-negative integer, got {value!r}", key=key)
+    return value
+
+
 def encode_data_parts(seq: int, data: Any, count: int | None = None) -> list[bytes | memoryview]:
     """The buffers of one data frame: `[header, payload]`, the payload not copied.
 
@@ -129,8 +142,12 @@ def encode_data_parts(seq: int, data: Any, count: int | None = None) -> list[byt
         count: for a batched frame, the number of items stacked on axis 0 of `data`.
 
     Raises:
-        LocalProtocolError: an unsupported dtype, a bad `count`, or not an array/bytes.
+        LocalProtocolError: an unsupported dtype, a bad `seq` or `count`, or not an
+            array/bytes.
     """
+    seq = _uint(seq, "seq")
+    if count is not None:
+        count = _uint(count, "count")
     if isinstance(data, np.generic):  # a numpy scalar travels as a 0-d array
         data = np.asarray(data)
     if isinstance(data, np.ndarray):
@@ -173,16 +190,16 @@ def encode_frame(frame: Frame) -> bytes:
     if isinstance(frame, DataFrame):
         return b"".join(encode_data_parts(frame.seq, frame.data, frame.count))
     if isinstance(frame, EndFrame):
-        return _pack({"kind": "end", "seq": frame.seq})
+        return _pack({"kind": "end", "seq": _uint(frame.seq, "seq")})
     if isinstance(frame, ErrorFrame):
         return _pack(
             {
                 "kind": "error",
-                "seq": frame.seq,
-                "origin": _utf8_safe(frame.origin),
-                "type": _utf8_safe(frame.type),
-                "message": _utf8_safe(frame.message),
-                "traceback": _utf8_safe(frame.traceback),
+                "seq": _uint(frame.seq, "seq"),
+                "origin": _utf8_safe(frame.origin, "origin"),
+                "type": _utf8_safe(frame.type, "type"),
+                "message": _utf8_safe(frame.message, "message"),
+                "traceback": _utf8_safe(frame.traceback, "traceback"),
             }
         )
     if isinstance(frame, HeartbeatFrame):
@@ -193,12 +210,14 @@ def encode_frame(frame: Frame) -> bytes:
 _HEARTBEAT = _pack({"kind": "heartbeat"})
 
 
-def _utf8_safe(text: str) -> str:
+def _utf8_safe(text: str, key: str) -> str:
     """`text`, with lone surrogates escaped (`\\udcff`), since msgpack strings are UTF-8.
 
     Exception text picks them up from undecodable file names (`surrogateescape`); a
     failure must still be reported, not turned into a `UnicodeEncodeError` here.
     """
+    if not isinstance(text, str):
+        raise LocalProtocolError(f"{key} must be a str, got {type(text).__name__}", key=key)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

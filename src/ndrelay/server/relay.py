@@ -8,6 +8,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from .._codec import DEFAULT_MAX_FRAME_SIZE
 from .._exceptions import StreamClosed
 from .._frames import EndFrame, ErrorFrame
@@ -128,6 +130,8 @@ def _produce(stream: Any, iterator: Iterable[Any]) -> None:
     stream.producers += 1
     try:
         for item in it:
+            if isinstance(item, np.generic):  # a numpy scalar travels as a 0-d array
+                item = np.asarray(item)
             stream.check_item(item)
             stream.put_blocking(item)
     except StreamClosed:

@@ -447,7 +447,7 @@ class RelayClient(_BaseClient):
         failure: BaseException | None = None
         seq = 0
         try:
-            with Prefetch(items, size=prefetch) as source:
+            with Prefetch(_refuse_none(items), size=prefetch) as source:
                 queue = source.queue
                 finished = False
                 while not finished:
@@ -486,7 +486,14 @@ class RelayClient(_BaseClient):
                     if finished:
                         buffers.append(b"0\r\n\r\n")
                     if conn.readable_now():
-                        break  # the relay answered early: it refused something
+                        # The relay answered early: it refused something. End the body
+                        # (without an end frame) so that it answers now instead of
+                        # draining the rest until its timeout.
+                        try:
+                            conn.send_buffers([b"0\r\n\r\n"])
+                        except OSError:
+                            pass
+                        break
                     try:
                         conn.send_buffers(buffers)
                     except TimeoutError:
@@ -525,6 +532,28 @@ class RelayClient(_BaseClient):
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _refuse_none(items: Iterable[Any]) -> Iterable[Any]:
+    """`items`, raising at a `None`: to `Prefetch` it would mean the end, and the
+    upload would end the stream there quietly, the items after it lost."""
+    it = iter(items)  # not iterable: a TypeError at once, not an error frame
+
+    def checked() -> Iterable[Any]:
+        try:
+            for item in it:
+                if item is None:
+                    raise LocalProtocolError(
+                        "a data item must be an np.ndarray, bytes or bytearray, not None",
+                        key="data",
+                    )
+                yield item
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    return checked()
 
 
 def _json_or_text(data: bytes) -> Any:

@@ -20,7 +20,13 @@ from urllib.parse import quote, urlencode
 import httpx
 
 from ._buffers import Buffer, ExceptionSentinel, Prefetch
-from ._codec import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, encode_data_parts, encode_frame
+from ._codec import (
+    DEFAULT_MAX_FRAME_SIZE,
+    FrameDecoder,
+    encode_data_parts,
+    encode_frame,
+    encode_items,
+)
 from ._exceptions import (
     AuthError,
     ConnectError,
@@ -174,8 +180,10 @@ class _UnitQueue:
                 self._cond.wait(0.5)
             if self._closed:
                 return False
+            was_empty = not self._units
             self._units.extend(units)
-            self._cond.notify_all()
+            if was_empty:
+                self._cond.notify_all()
             return True
 
     def finish(self, terminal: None | ExceptionSentinel) -> None:
@@ -198,7 +206,8 @@ class _UnitQueue:
             while True:
                 if self._units:
                     unit = self._units.popleft()
-                    self._cond.notify_all()
+                    if len(self._units) == self.maxsize - 1:
+                        self._cond.notify()  # the reader may wait for room
                     return unit
                 if self._terminal:
                     return self._terminal[0]
@@ -211,6 +220,16 @@ class _UnitQueue:
 
     def get_nowait(self) -> Any:
         return self.get(block=False)
+
+    def take_all(self) -> list[Any]:
+        """Every unit held (waiting for one); `[]` once only the terminal is left."""
+        with self._cond:
+            while not self._units and not self._terminal:
+                self._cond.wait()
+            units = list(self._units)
+            self._units.clear()
+            self._cond.notify()
+            return units
 
     def empty(self) -> bool:
         with self._cond:
@@ -250,6 +269,7 @@ class RemoteStream(Buffer[Any]):
         self._response = response
         self._decoder = FrameDecoder(max_frame_size)
         self._closing = threading.Event()
+        self._local: deque[Any] = deque()
         self._thread = threading.Thread(
             target=self._read, name=f"ndrelay-stream-{name}", daemon=True
         )
@@ -281,6 +301,17 @@ class RemoteStream(Buffer[Any]):
             queue.finish(ExceptionSentinel(exc))
         finally:
             self._response.close()
+
+    def __next__(self) -> Any:
+        # Take every ready unit in one go: one lock round trip per batch, not per item.
+        local = self._local
+        if local:
+            return local.popleft()
+        units = self.queue.take_all()
+        if units:
+            local.extend(units)
+            return local.popleft()
+        return super().__next__()  # the end or the error
 
     def close(self, timeout: float | None = 5.0) -> None:
         """Stop the reader thread and the HTTP request; iteration then ends."""
@@ -448,39 +479,29 @@ class RelayClient(_BaseClient):
         seq = 0
         try:
             with Prefetch(_refuse_none(items), size=prefetch) as source:
-                queue = source.queue
                 finished = False
                 while not finished:
-                    unit = queue.get()
-                    parts: list[Any] = []
-                    size = 0
-                    while True:
-                        if unit is None:
-                            finished = True
-                            if end:
-                                parts.append(encode_frame(EndFrame(seq)))
-                            break
-                        if isinstance(unit, ExceptionSentinel):
-                            finished = True
-                            failure = unit.exception
-                            parts.append(encode_frame(ErrorFrame.from_exception(failure, seq=seq)))
-                            break
-                        try:
-                            frame_parts = encode_data_parts(seq, unit)
-                        except LocalProtocolError as exc:
-                            finished = True
-                            failure = exc
-                            parts.append(encode_frame(ErrorFrame.from_exception(exc, seq=seq)))
-                            break
-                        parts.extend(frame_parts)
-                        size += len(frame_parts[0]) + len(frame_parts[1])
-                        seq += 1
-                        if size >= _UPLOAD_CHUNK:
-                            break
-                        try:
-                            unit = queue.get_nowait()
-                        except Exception:  # queue.Empty: nothing more ready now
-                            break
+                    ready, terminal = _gather(source.queue, _UPLOAD_CHUNK)
+                    try:
+                        parts = encode_items(enumerate(ready, seq))
+                        seq += len(ready)
+                    except LocalProtocolError:
+                        parts = []  # find the bad item: the ones before it still go
+                        for item in ready:
+                            try:
+                                parts += encode_data_parts(seq, item)
+                            except LocalProtocolError as exc:
+                                terminal = ExceptionSentinel(exc)
+                                break
+                            seq += 1
+                    if terminal is None:
+                        finished = True
+                        if end:
+                            parts.append(encode_frame(EndFrame(seq)))
+                    elif isinstance(terminal, ExceptionSentinel):
+                        finished = True
+                        failure = terminal.exception
+                        parts.append(encode_frame(ErrorFrame.from_exception(failure, seq=seq)))
                     total = sum(len(p) for p in parts)
                     buffers = [b"%x\r\n" % total, *parts, b"\r\n"] if total else []
                     if finished:
@@ -532,6 +553,28 @@ class RelayClient(_BaseClient):
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+_OPEN = object()
+
+
+def _gather(queue: Any, limit: int) -> tuple[list[Any], Any]:
+    """Items ready now (waiting for the first), up to about `limit` bytes, and the
+    terminal that followed them: `None` (end), an `ExceptionSentinel`, or `_OPEN`."""
+    ready: list[Any] = []
+    size = 0
+    unit = queue.get()
+    while True:
+        if unit is None or isinstance(unit, ExceptionSentinel):
+            return ready, unit
+        ready.append(unit)
+        size += unit.nbytes if hasattr(unit, "nbytes") else len(unit)
+        if size >= limit:
+            return ready, _OPEN
+        try:
+            unit = queue.get_nowait()
+        except queue_module.Empty:
+            return ready, _OPEN
 
 
 def _refuse_none(items: Iterable[Any]) -> Iterable[Any]:

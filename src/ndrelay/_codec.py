@@ -4,10 +4,11 @@ Encoding never copies an array's payload: `encode_frame_parts` returns the frame
 bytes and the array's own memory as separate buffers, for a vectored write.
 
 Decoding is incremental (`FrameDecoder.feed`, then `frames()`). Small frames go through
-`msgpack.Unpacker`, which is fastest for them. A frame that grows past `SPILL_THRESHOLD`
-while incomplete has its header parsed on its own; its payload is then written straight
+`msgpack.Unpacker`, which is fastest for them. An incomplete frame has its header parsed
+on its own; if its payload is over `SPILL_THRESHOLD`, the payload is written straight
 into the array that will be returned, either by `feed` (one copy) or by a reader that
-asks `get_buffer()` for the memory to `recv_into` (no copy at all).
+asks `get_buffer()` for the memory to `recv_into` (no copy at all; a large *bytes*
+item is copied once more, into the immutable `bytes` it is returned as).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import re
 import struct
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import msgpack
@@ -31,6 +32,7 @@ __all__ = [
     "check_dtype",
     "encode_data_parts",
     "encode_frame",
+    "encode_items",
     "encode_frame_parts",
 ]
 
@@ -38,8 +40,10 @@ __all__ = [
 MEDIA_TYPE = "application/x-msgpack"
 #: Default limit on one frame's size in bytes (256 MiB: a 10 MB camera frame is far below it).
 DEFAULT_MAX_FRAME_SIZE = 256 * 1024 * 1024
-#: An incomplete frame this large gets its payload written directly into its array.
+#: A frame with a payload this large gets it written directly into its array.
 SPILL_THRESHOLD = 64 * 1024
+#: An incomplete frame this long has its header looked at, to see if it is large.
+_SPILL_PROBE = 32
 #: `feed` hands msgpack at most this much at once, so its buffer stays bounded.
 _FEED_SLICE = 1024 * 1024
 #: Bytes a frame may have besides its payload (keys, dtype, shape, error text).
@@ -50,6 +54,8 @@ _MAX_HEADER = 64 * 1024
 _DTYPE_KINDS = frozenset("biufcmMSU")
 _DTYPE_RE = re.compile(r"[<>|=]?[biufcmMSU]\d{1,5}(\[\d*[A-Za-z]{1,2}\])?")
 _dtype_cache: dict[str, np.dtype[Any]] = {}
+# (dtype string, *shape) -> (dtype, shape, payload bytes) of array frames already checked
+_layouts: dict[tuple[Any, ...], tuple[np.dtype[Any], tuple[int, ...], int]] = {}
 
 
 def check_dtype(dtype: Any) -> np.dtype[Any]:
@@ -82,7 +88,7 @@ def check_dtype(dtype: Any) -> np.dtype[Any]:
 _pack = msgpack.Packer(use_bin_type=True).pack
 _K_SEQ = _pack("seq")
 _K_DATA = _pack("data")
-_header_cache: dict[tuple[str, tuple[int, ...], int | None], tuple[bytes, bytes]] = {}
+_header_cache: dict[tuple[np.dtype[Any], tuple[int, ...], int | None], tuple[bytes, bytes]] = {}
 
 
 def _bin_header(n: int) -> bytes:
@@ -99,7 +105,7 @@ def _array_headers(
     dt: np.dtype[Any], shape: tuple[int, ...], count: int | None
 ) -> tuple[bytes, bytes]:
     """(map header up to the `seq` value, `data` key and bin header) for this layout; cached."""
-    key = (dt.str, shape, count)
+    key = (dt, shape, count)
     cached = _header_cache.get(key)
     if cached is not None:
         return cached
@@ -163,8 +169,7 @@ def encode_data_parts(seq: int, data: Any, count: int | None = None) -> list[byt
         if not data.flags.c_contiguous:
             data = np.ascontiguousarray(data)
         prefix, bin_header = _array_headers(dt, data.shape, count)
-        payload = memoryview(data.reshape(-1).view(np.uint8))
-        return [prefix + _pack(seq) + bin_header, payload]
+        return [prefix + _pack(seq) + bin_header, _byte_view(data)]
     if count is not None:
         raise LocalProtocolError("only arrays can be batched", key="count")
     if isinstance(data, bytes | bytearray | memoryview):
@@ -176,6 +181,49 @@ def encode_data_parts(seq: int, data: Any, count: int | None = None) -> list[byt
         f"a data item must be an np.ndarray, bytes or bytearray, not {type(data).__name__}",
         key="data",
     )
+
+
+def _byte_view(array: np.ndarray) -> memoryview:
+    """The bytes of a C-contiguous array, without a copy."""
+    try:
+        return memoryview(array).cast("B")
+    except (TypeError, ValueError):  # empty arrays, datetimes: not plain buffers
+        return memoryview(array.reshape(-1).view(np.uint8))
+
+
+def encode_items(pairs: Iterable[tuple[int, Any]], inline: int = 1024) -> list[bytes | memoryview]:
+    """The buffers of many data frames, for one vectored write.
+
+    Runs of small frames come joined into one `bytes` (their payloads up to `inline`
+    bytes copied: cheaper than a view each); larger payloads are views of the items.
+
+    Raises:
+        LocalProtocolError: as `encode_data_parts`.
+    """
+    out: list[bytes | memoryview] = []
+    run: list[bytes] = []
+    cache = _header_cache
+    for seq, item in pairs:
+        if type(item) is np.ndarray and type(seq) is int and seq >= 0:
+            headers = cache.get((item.dtype, item.shape, None))
+            if headers is not None and item.flags.c_contiguous:
+                if item.nbytes <= inline:
+                    run += (headers[0], _pack(seq), headers[1], item.tobytes())
+                    continue
+                run += (headers[0], _pack(seq), headers[1])
+                out += (b"".join(run), _byte_view(item))
+                run = []
+                continue
+        head, payload = encode_data_parts(seq, item)
+        if len(payload) <= inline:
+            run += (head, bytes(payload))
+        else:
+            run.append(head)
+            out += (b"".join(run), payload)
+            run = []
+    if run:
+        out.append(b"".join(run))
+    return out
 
 
 def encode_frame_parts(frame: Frame) -> list[bytes | memoryview]:
@@ -368,6 +416,7 @@ class FrameDecoder:
         self._boundary = 0  # offset where its current (incomplete) frame starts
         self._partial = bytearray()  # that frame's bytes so far, for a spill
         self._spill = True  # whether that frame may still spill
+        self._probe_at = _SPILL_PROBE  # its length at which to look at its header next
 
     # -- state ---------------------------------------------------------------------------
 
@@ -413,6 +462,8 @@ class FrameDecoder:
         payload = self._payload
         if payload is None:
             raise RuntimeError("buffer_updated() without a pending payload")
+        if not 0 <= nbytes <= len(payload.view) - payload.filled:
+            raise ValueError(f"buffer_updated({nbytes}) outside the buffer given")
         payload.filled += nbytes
         if payload.filled == len(payload.view):
             self._finish_payload()
@@ -488,13 +539,14 @@ class FrameDecoder:
             self.frame_index += 1
             self._partial = bytearray()
             self._spill = True
+            self._probe_at = _SPILL_PROBE
         if self._fed - self._boundary > self.max_frame_size:
             self._fail(self._too_large())
             return
         if self._fed > self._boundary and self._spill:
             # Keep a copy of the incomplete frame's bytes, in case it is a large one.
             self._partial += piece[max(0, self._boundary - start) :]
-            if len(self._partial) >= SPILL_THRESHOLD:
+            if len(self._partial) >= self._probe_at:
                 self._try_spill()
 
     def _too_large(self, size: int | None = None) -> FrameTooLarge:
@@ -505,11 +557,15 @@ class FrameDecoder:
         )
 
     def _try_spill(self) -> None:
-        """Parse the pending frame's header; if it ends with a bin payload, go direct."""
+        """Parse the pending frame's header; if a large bin payload ends it, go direct."""
         raw = bytes(self._partial)
-        header, payload_at, nbytes = _parse_header(raw)
-        if header is None:
-            # Not a frame whose payload comes last: msgpack buffers it (bounded by the limit).
+        status, header, payload_at, nbytes = _parse_header(raw)
+        if status == "incomplete" and len(raw) < _MAX_HEADER:
+            self._probe_at = 2 * len(raw)  # try again with twice the bytes: O(n log n)
+            return
+        if status != "ok" or nbytes < SPILL_THRESHOLD:
+            # Small, or not a frame whose payload comes last: msgpack buffers it whole
+            # (bounded by the limit).
             self._spill = False
             self._partial = bytearray()
             return
@@ -564,6 +620,17 @@ class FrameDecoder:
             )
         kind = obj.get("kind")
         if kind == "data":
+            # Fast path: an array frame of a layout seen before (checked then).
+            data, seq, shape = obj.get("data"), obj.get("seq"), obj.get("shape")
+            if type(data) is bytes and type(seq) is int and seq >= 0 and type(shape) is list:
+                for n in shape:
+                    if type(n) is not int:  # (True == 1: bools must not hit the cache)
+                        break
+                else:
+                    layout = _layouts.get((obj.get("dtype"), *shape))
+                    if layout is not None and layout[2] == len(data) and "count" not in obj:
+                        # bytearray makes the array writable, in one copy of a small payload
+                        return DataFrame(seq, np.ndarray(layout[1], layout[0], bytearray(data)))
             data = obj.get("data")
             if type(data) is not bytes:
                 if "data" not in obj:
@@ -581,9 +648,9 @@ class FrameDecoder:
                     )
                 return DataFrame(seq, data)
             dt, shape, count = _array_layout(obj, len(data), index)
-            # bytearray makes the array writable, in one copy of a small payload.
-            array = np.frombuffer(bytearray(data), dtype=dt).reshape(shape)
-            return DataFrame(seq, array, count)
+            if count is None and len(_layouts) < 4096:
+                _layouts[(obj["dtype"], *shape)] = (dt, shape, len(data))
+            return DataFrame(seq, np.ndarray(shape, dt, bytearray(data)), count)
         if kind == "heartbeat":
             return HeartbeatFrame()
         if kind == "end":
@@ -604,31 +671,38 @@ class FrameDecoder:
 _BIN_LEN = {0xC4: (1, ">B"), 0xC5: (2, ">H"), 0xC6: (4, ">I")}
 
 
-def _parse_header(raw: bytes) -> tuple[dict[str, Any] | None, int, int]:
+def _parse_header(raw: bytes) -> tuple[str, dict[str, Any], int, int]:
     """Header of a frame whose last key is `data` with a bin value.
 
-    Returns `(header, payload offset, payload length)`, or `(None, 0, 0)` if the frame
-    is not of that shape or its header is not complete within `raw`.
+    Returns `(status, header, payload offset, payload length)`; status is `"ok"`,
+    `"incomplete"` (`raw` ends inside the header) or `"no"` (not a map ending with a
+    bin `data`, or malformed: the normal path will say what is wrong).
     """
     unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(raw), 1))
     unpacker.feed(raw[:_MAX_HEADER])
+    header: dict[str, Any] = {}
     try:
         n = unpacker.read_map_header()
-        header: dict[str, Any] = {}
         for i in range(n):
             key = unpacker.unpack()
             if key == "data":
                 if i != n - 1:
-                    return None, 0, 0
+                    return "no", header, 0, 0
                 at = unpacker.tell()
-                size = _BIN_LEN.get(raw[at]) if at < len(raw) else None
-                if size is None or at + 1 + size[0] > len(raw):
-                    return None, 0, 0
+                if at >= len(raw):
+                    return "incomplete", header, 0, 0
+                size = _BIN_LEN.get(raw[at])
+                if size is None:
+                    return "no", header, 0, 0
+                if at + 1 + size[0] > len(raw):
+                    return "incomplete", header, 0, 0
                 (nbytes,) = struct.unpack_from(size[1], raw, at + 1)
-                return header, at + 1 + size[0], nbytes
+                return "ok", header, at + 1 + size[0], nbytes
             if type(key) is not str:
-                return None, 0, 0
+                return "no", header, 0, 0
             header[key] = unpacker.unpack()
-    except Exception:  # incomplete or malformed: the normal path will say what is wrong
-        return None, 0, 0
-    return None, 0, 0
+    except msgpack.OutOfData:
+        return "incomplete", header, 0, 0
+    except Exception:
+        return "no", header, 0, 0
+    return "no", header, 0, 0

@@ -29,6 +29,7 @@ from ._version import __version__
 __all__ = ["Endpoint", "HTTPResponse", "open_request"]
 
 _RECV_SIZE = 256 * 1024
+_SMALL_RECV = 4096
 _MAX_HEAD = 64 * 1024
 
 
@@ -139,6 +140,10 @@ class HTTPResponse:
                 elif self._remaining is not None:
                     self._remaining -= n
                 decoder.buffer_updated(n)
+                if decoder.get_buffer() is None:
+                    # A large payload is complete: read the next header in a small
+                    # read, so the next payload lands in its array, not in a buffer.
+                    conn.recv_size = _SMALL_RECV
             else:
                 piece = self._next_piece()
                 if piece is None:
@@ -146,6 +151,8 @@ class HTTPResponse:
                     yield from decoder.frames()
                     return
                 decoder.feed(piece)
+                if decoder.get_buffer() is None:
+                    conn.recv_size = _RECV_SIZE
             yield from decoder.frames()
 
     def _pieces(self) -> Iterator[memoryview]:
@@ -205,6 +212,7 @@ class _Connection:
         self.sock.settimeout(read_timeout)
         self._buf = b""  # the last bytes received; _pos: how far they were read
         self._pos = 0
+        self.recv_size = _RECV_SIZE
         self._zero_copy_send = not isinstance(sock, ssl.SSLSocket)
 
     # -- reading -------------------------------------------------------------------------
@@ -214,7 +222,7 @@ class _Connection:
 
     def _fill(self) -> bool:
         try:
-            data = self.sock.recv(_RECV_SIZE)
+            data = self.sock.recv(self.recv_size)
         except TimeoutError:
             raise RelayTimeout("no data within the read timeout") from None
         if not data:

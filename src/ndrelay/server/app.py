@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.types import Receive, Scope, Send
 
-from .._codec import MEDIA_TYPE, FrameDecoder, encode_data_parts, encode_frame
+from .._codec import MEDIA_TYPE, FrameDecoder, encode_frame, encode_frame_parts, encode_items
 from .._exceptions import (
     AuthError,
     NDRelayError,
@@ -323,8 +323,8 @@ class FrameStreamResponse(Response):
             await self._send_frames(send, frames)
 
     async def _send_frames(self, send: Send, frames: list[Any], last: bool = False) -> None:
-        """Write frames (or `(seq, item)` pairs); small ones coalesced, big payloads
-        handed to the server without a copy."""
+        """Write frames, or `(seq, item)` pairs: small ones coalesced into few writes,
+        large payloads handed to the server as views of the arrays."""
         if self.fmt != "msgpack":
             encode = ndjson_line if self.fmt == "ndjson" else sse_event
             body = b"".join(
@@ -332,34 +332,41 @@ class FrameStreamResponse(Response):
             )
             await send({"type": "http.response.body", "body": body, "more_body": not last})
             return
-        pending: list[Any] = []
-        size = 0
-        for f in frames:
-            if isinstance(f, tuple):
-                parts: list[Any] = encode_data_parts(f[0], f[1])
-            elif isinstance(f, DataFrame):
-                parts = encode_data_parts(f.seq, f.data, f.count)
-            else:
-                parts = [encode_frame(f)]
-            if len(parts) == 2 and len(parts[1]) >= _COALESCE_BYTES:
-                pending.append(parts[0])
-                await send(
-                    {"type": "http.response.body", "body": b"".join(pending), "more_body": True}
-                )
-                await send({"type": "http.response.body", "body": parts[1], "more_body": True})
-                pending, size = [], 0
-                continue
-            pending.extend(parts)
-            size += sum(len(p) for p in parts)
-            if size >= _COALESCE_BYTES:
-                await send(
-                    {"type": "http.response.body", "body": b"".join(pending), "more_body": True}
-                )
-                pending, size = [], 0
-        if pending or last:
-            await send(
-                {"type": "http.response.body", "body": b"".join(pending), "more_body": not last}
-            )
+        if frames and isinstance(frames[0], tuple):
+            buffers = encode_items(frames)
+        else:
+            buffers = []
+            for f in frames:
+                buffers += encode_frame_parts(f)
+        buffers = _coalesce(buffers)
+        for i, body in enumerate(buffers):
+            more = not last or i < len(buffers) - 1
+            await send({"type": "http.response.body", "body": body, "more_body": more})
+        if last and not buffers:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _coalesce(buffers: list[Any]) -> list[Any]:
+    """Join runs of small buffers (up to `_COALESCE_BYTES`); large ones stay views."""
+    out: list[Any] = []
+    run: list[Any] = []
+    size = 0
+    for buf in buffers:
+        n = len(buf)
+        if n >= _COALESCE_BYTES:
+            if run:
+                out.append(b"".join(run) if len(run) > 1 else run[0])
+                run, size = [], 0
+            out.append(buf)
+            continue
+        run.append(buf)
+        size += n
+        if size >= _COALESCE_BYTES:
+            out.append(b"".join(run))
+            run, size = [], 0
+    if run:
+        out.append(b"".join(run) if len(run) > 1 else run[0])
+    return out
 
 
 async def _wait_disconnect(receive: Receive) -> None:

@@ -188,6 +188,15 @@ def _server(config: Any, relay: Any) -> Any:
             await asyncio.to_thread(relay.close, "server shutting down", 2.0)
             await super().shutdown(sockets)
 
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            # The shutdown is graceful, so the process exits normally (status 0). uvicorn
+            # would raise the signal again once it is done, and the process would die of
+            # it (SIGTERM: killed, status 143; SIGINT: click's "Aborted!", status 1).
+            captured = getattr(self, "_captured_signals", None)
+            if captured:
+                captured.clear()
+
     return GracefulServer(config)
 
 

@@ -140,14 +140,18 @@ class MemoryStream:
             return True
         if self.spec.mode == "queue":
             return False
-        # fanout: the oldest item may go unless a `block` consumer still needs it
-        oldest = items[0][0]
-        for c in self._consumers:
-            if c.policy == "block" and c.cursor <= oldest:
+        # fanout: old items may go, but none that a `block` consumer still needs; an
+        # item may need several to go (max_bytes): wait unless all of them may.
+        floor = min((c.cursor for c in self._consumers if c.policy == "block"), default=None)
+        evict, count, total = 0, len(items), self._bytes
+        while count and (count >= self.spec.size or total + nbytes > self.spec.max_bytes):
+            seq, _, n = items[evict]
+            if floor is not None and seq >= floor:
                 return False
-        while items and (
-            len(items) >= self.spec.size or self._bytes + nbytes > self.spec.max_bytes
-        ):
+            evict += 1
+            count -= 1
+            total -= n
+        for _ in range(evict):
             seq, _, n = items.popleft()
             self._bytes -= n
             for c in self._consumers:

@@ -128,6 +128,7 @@ def producer(
     port: int,
     name: str,
     limit: int | None = None,
+    size: int | None = None,
     role: str = "producer",
 ) -> None:
     from ndrelay import RelayClient
@@ -135,6 +136,8 @@ def producer(
     w = Workload.from_dict(wl)
     q.put({"role": role, "ready": True})
     with RelayClient(f"http://127.0.0.1:{port}") as c:
+        if size is not None:  # else the upload creates the stream with the server's default
+            c.create(name, size=size)
         c.publish(name, _items(q, go, w, duration, limit, role))
 
 

@@ -650,7 +650,12 @@ class AsyncRemoteStream:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            if isinstance(exc, httpx.HTTPError):
+            if isinstance(exc, httpx.TimeoutException):
+                exc = RelayTimeout(
+                    f"stream {self.name!r}: no data within the read timeout",
+                    url=str(self._response.url),
+                )
+            elif isinstance(exc, httpx.HTTPError):
                 exc = StreamInterrupted(
                     f"stream {self.name!r} broke: {exc}", url=str(self._response.url)
                 )

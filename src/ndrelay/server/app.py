@@ -114,8 +114,8 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
         if token is None:
             return
         given = request.headers.get("authorization", "")
-        if given.startswith("Bearer "):
-            given = given[7:]
+        if given[:7].lower() == "bearer ":  # the auth scheme is case-insensitive
+            given = given[7:].strip()
         else:
             given = request.query_params.get("token", "")
         if not hmac.compare_digest(given.encode(), token.encode()):

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import Receive, Scope, Send
 
 from .._codec import MEDIA_TYPE, FrameDecoder, encode_frame, encode_frame_parts, encode_items
@@ -74,6 +74,9 @@ StreamDep = Annotated[Stream, Depends(_get_stream)]
 
 class CreateStream(BaseModel):
     """Definition of a stream for `PUT /streams/{name}`."""
+
+    # a misspelt key (`max_byte`) must not silently give a stream other bounds
+    model_config = ConfigDict(extra="forbid")
 
     size: int = Field(64, ge=1, le=1_000_000, description="most items buffered")
     max_bytes: int | None = Field(None, ge=1, description="most payload bytes buffered")

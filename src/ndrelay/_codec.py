@@ -30,6 +30,7 @@ __all__ = [
     "MEDIA_TYPE",
     "FrameDecoder",
     "check_dtype",
+    "encode_batch",
     "encode_data_parts",
     "encode_frame",
     "encode_items",
@@ -224,6 +225,36 @@ def encode_items(pairs: Iterable[tuple[int, Any]], inline: int = 1024) -> list[b
     if run:
         out.append(b"".join(run))
     return out
+
+
+def encode_batch(seq: int, arrays: list[np.ndarray]) -> list[bytes | memoryview]:
+    """The buffers of one batched frame holding `arrays` (one dtype and shape) stacked.
+
+    The payload is gathered straight from the arrays (`b"".join`), not through
+    `np.stack`: one copy, about ten times faster for many small arrays.
+
+    Raises:
+        LocalProtocolError: the arrays differ in dtype or shape, or one is unsupported.
+    """
+    first = arrays[0]
+    dt, shape = first.dtype, first.shape
+    for i, a in enumerate(arrays):
+        if type(a) is not np.ndarray or a.dtype != dt or a.shape != shape:
+            raise LocalProtocolError(
+                f"cannot batch item {i}: {getattr(a, 'dtype', type(a).__name__)} "
+                f"{getattr(a, 'shape', '')} differs from item 0: {dt} {shape}",
+                key="data",
+            )
+    try:
+        payload: bytes | memoryview = b"".join(arrays)  # type: ignore[arg-type]
+    except (BufferError, TypeError, ValueError):  # non-contiguous or not a plain buffer
+        return encode_data_parts(seq, np.stack(arrays), len(arrays))
+    try:
+        check_dtype(dt)
+    except ValueError as exc:
+        raise LocalProtocolError(str(exc), key="dtype") from None
+    prefix, bin_header = _array_headers(dt, (len(arrays), *shape), len(arrays))
+    return [prefix + _pack(_uint(seq, "seq")) + bin_header, payload]
 
 
 def encode_frame_parts(frame: Frame) -> list[bytes | memoryview]:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._buffers import _stack
+import numpy as np
+
 from ._exceptions import RemoteProtocolError
 from ._frames import DataFrame, EndFrame, ErrorFrame, Frame
 
@@ -50,6 +51,8 @@ class StreamState:
             if frame.count == batch and not self._pending:
                 # a full batch from the server: pass it on without splitting
                 return [frame.data if self.stack else frame.items()]
+            if self.stack:
+                return self._add_block(frame)
             self._pending.extend(frame.items())
             return self._full_batches()
         if isinstance(frame, EndFrame | ErrorFrame):
@@ -59,8 +62,32 @@ class StreamState:
             return self.flush()
         return []  # heartbeat
 
-    def _unit(self, items: list[Any]) -> Any:
-        return _stack(items) if self.stack else items
+    def _add_block(self, frame: DataFrame) -> list[Any]:
+        """Stacked batches from blocks of rows: one concatenation, then views of it."""
+        data = frame.data
+        if not isinstance(data, np.ndarray):
+            raise ValueError(
+                f"cannot stack batch: item seq {frame.seq} is {type(data).__name__}, "
+                "not a numpy array"
+            )
+        block = data if frame.count is not None else data[None]
+        pending = self._pending
+        if pending and (block.dtype, block.shape[1:]) != (pending[0].dtype, pending[0].shape[1:]):
+            raise ValueError(
+                f"cannot stack batch: item seq {frame.seq} has shape {block.shape[1:]} and "
+                f"dtype {block.dtype}; the batch so far has shape {pending[0].shape[1:]} "
+                f"and dtype {pending[0].dtype}"
+            )
+        pending.append(block)
+        held = sum(len(b) for b in pending)
+        batch = self.batch
+        assert batch is not None
+        if held < batch:
+            return []
+        joined = np.concatenate(pending) if len(pending) > 1 else pending[0]
+        full = held - held % batch
+        self._pending = [joined[full:]] if full < held else []
+        return [joined[i : i + batch] for i in range(0, full, batch)]
 
     def _full_batches(self) -> list[Any]:
         batch = self.batch
@@ -68,18 +95,15 @@ class StreamState:
         pending = self._pending
         if len(pending) < batch:
             return []
-        out = [
-            self._unit(pending[i : i + batch]) for i in range(0, len(pending) - batch + 1, batch)
-        ]
-        self._pending = pending[len(out) * batch :]
-        return out
+        full = len(pending) - len(pending) % batch
+        self._pending = pending[full:]
+        return [pending[i : i + batch] for i in range(0, full, batch)]
 
     def flush(self) -> list[Any]:
-        """Units still held, the last batch partial (at the end of the stream)."""
-        if self.batch is None or not self._pending:
+        """Units still held: the last, partial batch (at the end of the stream)."""
+        pending, self._pending = self._pending, []
+        if not pending:
             return []
-        out = self._full_batches()
-        if self._pending:
-            out.append(self._unit(self._pending))
-            self._pending = []
-        return out
+        if self.stack:
+            return [np.concatenate(pending) if len(pending) > 1 else pending[0]]
+        return [pending]

@@ -85,6 +85,7 @@ class MemoryStream:
         self.created = time.time()
         self._lock = threading.Lock()
         self._space = threading.Condition(self._lock)  # producer threads wait here
+        self._blocked = 0  # how many
         self._space_waiters = _Waiters()  # producer coroutines wait here
         self._data_waiters = _Waiters()  # consumer coroutines wait here
         self._items: deque[tuple[int, Any, int]] = deque()  # (seq, item, nbytes)
@@ -185,21 +186,35 @@ class MemoryStream:
     def put_blocking(self, item: Any, timeout: float | None = None) -> int:
         nbytes = _nbytes(item)
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._space:
+        with self._lock:  # the Condition's own lock: cheaper to take than the Condition
             while not self._room(nbytes):
                 wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
                 if wait <= 0:
                     raise TimeoutError(f"stream {self.name!r} stayed full for {timeout} s")
-                self._space.wait(wait)
+                self._wait_space(wait)
             return self._append(item, nbytes)
+
+    def _wait_space(self, timeout: float) -> None:
+        """Wait (lock held) until a consumer takes something, or `timeout`."""
+        self._blocked += 1
+        try:
+            self._space.wait(timeout)
+        finally:
+            self._blocked -= 1
+
+    def _space_freed(self) -> None:
+        """Wake producers waiting for room (lock held)."""
+        self._space_waiters.wake()
+        if self._blocked:
+            self._space.notify_all()
 
     def put_many_blocking(self, items: Sequence[Any]) -> None:
         sizes = [_nbytes(item) for item in items]
         i = 0
-        with self._space:
+        with self._lock:
             while i < len(items):
                 while not self._room(sizes[i]):
-                    self._space.wait(1.0)
+                    self._wait_space(1.0)
                 # append as many as fit, waking consumers once
                 while i < len(items) and self._room(sizes[i]):
                     seq = self._next_seq
@@ -253,8 +268,7 @@ class MemoryStream:
         with self._lock:
             self._consumers.discard(consumer)
             # a departed `block` consumer may have been what held the producer
-            self._space_waiters.wake()
-            self._space.notify_all()
+            self._space_freed()
 
     # -- state -----------------------------------------------------------------------
 
@@ -350,8 +364,7 @@ class MemoryConsumer:
                         break
                 self.cursor = out[-1][0] + 1
             s.consumed += len(out)
-            s._space_waiters.wake()
-            s._space.notify_all()
+            s._space_freed()
             return out
 
     async def wait(self) -> None:

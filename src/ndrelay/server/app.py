@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import Receive, Scope, Send
 
-from .._codec import MEDIA_TYPE, FrameDecoder, encode_frame, encode_frame_parts, encode_items
+from .._codec import MEDIA_TYPE, FrameDecoder, encode_batch, encode_frame, encode_items
 from .._exceptions import (
     AuthError,
     NDRelayError,
@@ -241,30 +241,37 @@ def _format_from_accept(accept: str) -> str:
     return "msgpack"
 
 
-def _batches(items: list[tuple[int, Any]], limit: int) -> list[DataFrame]:
-    """Group consecutive equal-layout arrays with consecutive seqs into batched frames."""
-    frames: list[DataFrame] = []
-    i, n = 0, len(items)
-    while i < n:
-        seq, first = items[i]
-        j = i + 1
-        if isinstance(first, np.ndarray):
-            while (
-                j < n
-                and j - i < limit
-                and items[j][0] == seq + (j - i)
-                and isinstance(items[j][1], np.ndarray)
-                and items[j][1].shape == first.shape
-                and items[j][1].dtype == first.dtype
-            ):
-                j += 1
-        if j - i == 1:
-            frames.append(DataFrame(seq, first))
+def _runs(items: list[tuple[int, Any]], limit: int) -> list[tuple[int, list[Any]]]:
+    """Split `(seq, item)` pairs (consecutive seqs) into runs of up to `limit` arrays
+    of one dtype and shape; any other item is a run of its own."""
+    runs: list[tuple[int, list[Any]]] = []
+    layout: Any = None
+    current: list[Any] = []
+    for seq, item in items:
+        key = (item.dtype, item.shape) if type(item) is np.ndarray else None
+        if key is None or key != layout or len(current) >= limit:
+            current = [item]
+            runs.append((seq, current))
+            layout = key
         else:
-            stacked = np.stack([item for _, item in items[i:j]])
-            frames.append(DataFrame(seq, stacked, count=j - i))
-        i = j
-    return frames
+            current.append(item)
+    return runs
+
+
+def _batched_frames(items: list[tuple[int, Any]], limit: int) -> list[DataFrame]:
+    """`?batch=N` for the human formats: the runs as (batched) frames."""
+    return [
+        DataFrame(seq, run[0]) if len(run) == 1 else DataFrame(seq, np.stack(run), len(run))
+        for seq, run in _runs(items, limit)
+    ]
+
+
+def _batched_buffers(items: list[tuple[int, Any]], limit: int) -> list[Any]:
+    """`?batch=N` in msgpack: the runs as (batched) frames, ready to write."""
+    buffers: list[Any] = []
+    for seq, run in _runs(items, limit):
+        buffers += encode_items([(seq, run[0])]) if len(run) == 1 else encode_batch(seq, run)
+    return buffers
 
 
 class FrameStreamResponse(Response):
@@ -306,7 +313,7 @@ class FrameStreamResponse(Response):
         consumer = self.consumer
         heartbeat = self.settings.heartbeat_interval
         batch = self.batch
-        take = max(batch, 256) if self.fmt == "msgpack" else batch
+        take = max(4 * batch, 256) if self.fmt == "msgpack" else batch
         while True:
             got = consumer.take(take, _TAKE_BYTES)
             if got is None:
@@ -319,28 +326,24 @@ class FrameStreamResponse(Response):
             if isinstance(got, Frame):
                 await self._send_frames(send, [got], last=True)
                 return
-            if batch > 1:
-                frames: list[Any] = _batches(got, batch)
-            else:
-                frames = got
-            await self._send_frames(send, frames)
+            await self._send_frames(send, got)
 
     async def _send_frames(self, send: Send, frames: list[Any], last: bool = False) -> None:
         """Write frames, or `(seq, item)` pairs: small ones coalesced into few writes,
         large payloads handed to the server as views of the arrays."""
         if self.fmt != "msgpack":
             encode = ndjson_line if self.fmt == "ndjson" else sse_event
-            body = b"".join(
-                encode(f if isinstance(f, Frame) else DataFrame(f[0], f[1])) for f in frames
-            )
+            if frames and isinstance(frames[0], tuple):
+                frames = _batched_frames(frames, self.batch)
+            body = b"".join(encode(f) for f in frames)
             await send({"type": "http.response.body", "body": body, "more_body": not last})
             return
-        if frames and isinstance(frames[0], tuple):
-            buffers = encode_items(frames)
+        if not frames or isinstance(frames[0], Frame):
+            buffers = [encode_frame(f) for f in frames]
+        elif self.batch > 1:
+            buffers = _batched_buffers(frames, self.batch)
         else:
-            buffers = []
-            for f in frames:
-                buffers += encode_frame_parts(f)
+            buffers = encode_items(frames)
         buffers = _coalesce(buffers)
         for i, body in enumerate(buffers):
             more = not last or i < len(buffers) - 1

@@ -113,6 +113,10 @@ class Stream(Protocol):
         """Add one item, waiting while the buffer is full; its seq. Raises `StreamClosed`."""
         ...
 
+    async def put_many(self, items: Sequence[Any]) -> None:
+        """`put` for several items in order (fewer lock rounds)."""
+        ...
+
     def put_blocking(self, item: Any, timeout: float | None = None) -> int:
         """`put` for producer threads: blocks the calling thread, never an event loop."""
         ...

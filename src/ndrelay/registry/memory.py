@@ -183,6 +183,30 @@ class MemoryStream:
                 with self._lock:
                     self._space_waiters.discard(fut)
 
+    async def put_many(self, items: Sequence[Any]) -> None:
+        """Add items in order, as many per lock round as fit, waiting while full."""
+        i, n = 0, len(items)
+        while i < n:
+            with self._lock:
+                while i < n:
+                    nbytes = _nbytes(items[i])
+                    if not self._room(nbytes):
+                        break
+                    seq = self._next_seq
+                    self._next_seq = seq + 1
+                    self._items.append((seq, items[i], nbytes))
+                    self._bytes += nbytes
+                    i += 1
+                self._data_waiters.wake()
+                if i == n:
+                    return
+                fut = self._space_waiters.add()
+            try:
+                await fut
+            finally:
+                with self._lock:
+                    self._space_waiters.discard(fut)
+
     def put_blocking(self, item: Any, timeout: float | None = None) -> int:
         nbytes = _nbytes(item)
         deadline = None if timeout is None else time.monotonic() + timeout

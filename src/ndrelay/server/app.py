@@ -401,10 +401,14 @@ class UploadResponse(Response):
         decoder = FrameDecoder(self.settings.max_frame_bytes)
         accepted = items = seen = 0
         finished = False
+        pending: list[Any] = []  # items of accepted frames, put once per body message
         stream.producers += 1  # type: ignore[attr-defined]
         try:
             more = True
             while more:
+                if pending:
+                    await stream.put_many(pending)
+                    pending = []
                 message = await receive()
                 if message["type"] == "http.disconnect":
                     log.info(
@@ -425,17 +429,28 @@ class UploadResponse(Response):
                                 stream.check_item(item)
                         except NDRelayError as exc:
                             raise _Refused(exc.status_hint, str(exc), index) from None  # type: ignore[attr-defined]
-                        for item in batch:
-                            await stream.put(item)
+                        pending += batch
                         items += len(batch)
                     elif isinstance(frame, EndFrame | ErrorFrame):
+                        await stream.put_many(pending)
+                        pending = []
                         stream.finish(frame)
                         finished = True
                     else:
                         continue  # heartbeat
                     accepted += 1
+            await stream.put_many(pending)
+            pending = []
             decoder.feed_eof()
-        except ProtocolError as exc:
+        except (ProtocolError, _Refused) as exc:
+            # the frames accepted before the bad one are kept
+            try:
+                await stream.put_many(pending)
+            except StreamClosed:
+                pass
+            if isinstance(exc, _Refused):
+                await self._refuse(receive, send, exc.status, exc.reason, exc.index, accepted, more)
+                return
             await self._refuse(
                 receive,
                 send,
@@ -446,9 +461,6 @@ class UploadResponse(Response):
                 more,
                 getattr(exc, "key", None),
             )
-            return
-        except _Refused as exc:
-            await self._refuse(receive, send, exc.status, exc.reason, exc.index, accepted, more)
             return
         except StreamClosed as exc:
             await self._refuse(receive, send, 409, str(exc), seen - 1, accepted, more)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.util
 import json
 import math
@@ -440,6 +441,19 @@ def main(argv: list[str] | None = None) -> int:
         "machine (negative values need root); recorded in the report",
     )
     ap.add_argument(
+        "--retry-busy",
+        type=int,
+        default=0,
+        help=f"measure again (up to N times) when other processes used > {BUSY} cores "
+        "meanwhile; keeps the least disturbed (default 0)",
+    )
+    ap.add_argument(
+        "--retry-budget",
+        type=float,
+        default=240.0,
+        help="no retries after this many seconds into the run (keeps a full run < 10 min)",
+    )
+    ap.add_argument(
         "--allow-missing-ndrelay",
         action="store_true",
         help="do not fail when ndrelay is not importable (peers only)",
@@ -468,6 +482,27 @@ def main(argv: list[str] | None = None) -> int:
     for t in transports:
         if avail.get(t):
             log(f"{t}: {avail[t]}")
+    retries = args.retry_busy
+    budget = args.retry_budget
+
+    def retrying(fn: Any) -> dict[str, Any]:
+        """Run a measurement; while another process used more than BUSY cores meanwhile,
+        run it again (up to `retries` times, and only within the first `budget` seconds of
+        the whole run, so a full run still ends in time); keep the least disturbed."""
+        best: dict[str, Any] | None = None
+        for attempt in range(1, retries + 2):
+            res = fn()
+            res["attempts"] = attempt
+            fc = res.get("foreign_cores")
+            if best is None or (fc is not None and fc < best.get("foreign_cores", math.inf)):
+                best = res
+            if fc is None or not fc > BUSY or time.perf_counter() - log.t0 > budget:
+                break
+            if attempt <= retries:
+                log(f"  other load {fc:.2f} cores: measuring again")
+        assert best is not None
+        return best
+
     failures: list[str] = []
     if "ndrelay" in transports and avail["ndrelay"] and not args.allow_missing_ndrelay:
         failures.append(f"ndrelay {avail['ndrelay']}")
@@ -487,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
                     with _guard(
                         log, f"{wname} {topo} {label(tr, mode, wl)} run {r + 1}", failures, store
                     ):
-                        res = measure(tr, mode, wl, topo)
+                        res = retrying(functools.partial(measure, tr, mode, wl, topo))
                         res["run"] = r
                         store.append(res)
                         log(
@@ -495,7 +530,8 @@ def main(argv: list[str] | None = None) -> int:
                             f"{_fmt_n(res['items_per_s'])} items/s "
                             f"{res['bytes_per_s'] / 1e6:8.1f} MB/s "
                             f"({res['received']} items, {res['wall_s']:.1f}s wall, "
-                            f"other load {res['foreign_cores']:.2f})"
+                            f"other load {res['foreign_cores']:.2f}, "
+                            f"attempt {res['attempts']})"
                         )
 
     lat: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -508,13 +544,14 @@ def main(argv: list[str] | None = None) -> int:
             for tr, topo in lat_cases:
                 store = lat.setdefault((tr, topo), [])
                 with _guard(log, f"latency {tr} {topo} run {r + 1}", failures, store):
-                    res = measure_latency(tr, *lat_cfg, topo=topo)
+                    res = retrying(functools.partial(measure_latency, tr, *lat_cfg, topo=topo))
                     res["run"] = r
                     store.append(res)
                     log(
                         f"latency {tr:8} {topo:7} run {r + 1}: p50 {res['p50_us']:.0f} us, "
                         f"p99 {res['p99_us']:.0f} us, max {res['max_us']:.0f} us "
-                        f"({res['samples']} samples)"
+                        f"({res['samples']} samples, other load {res['foreign_cores']:.2f}, "
+                        f"attempt {res['attempts']})"
                     )
 
     mem: dict[tuple[str, str], list[dict[str, Any]]] = {}

@@ -197,7 +197,7 @@ def test_readme_save_push_back_and_read_a_copy(demo, tmp_path):
 
     # `copy` is open and quiet: curl sees no reason to stop after head has its two
     # lines (it would sit there until Ctrl-C), so --max-time ends it
-    done = sh(f"curl -s --max-time 2 '{h}/streams/copy?format=ndjson' | head -2", 2)
+    done = sh(f"curl -s --max-time 1 '{h}/streams/copy?format=ndjson' | head -2", 1)
     assert done.returncode == 0, done.stderr  # head's status
     copy = ndjson(done.stdout)
     assert [item["seq"] for item in copy] == [0, 1]

@@ -18,6 +18,7 @@ from typing import Any, Self
 from urllib.parse import quote, urlencode
 
 import httpx
+import numpy as np
 
 from ._buffers import Buffer, ExceptionSentinel, Prefetch
 from ._codec import (
@@ -452,6 +453,7 @@ class RelayClient(_BaseClient):
         end: bool = True,
         prefetch: int = 64,
         timeout: float | None = None,
+        batched: bool = False,
     ) -> dict[str, Any]:
         """Upload `items` (arrays or bytes) to stream `name`, creating it if needed.
 
@@ -462,6 +464,9 @@ class RelayClient(_BaseClient):
         re-raised here once the relay has it.
 
         Args:
+            batched: each element of `items` is an array of several items stacked on
+                its leading axis; it travels as one batched frame (one header for all),
+                and its rows are numbered and counted as items.
             timeout: longest wait for the relay to take more data (it holds the upload
                 while the stream's buffer is full); `None` waits as long as it takes.
 
@@ -482,18 +487,9 @@ class RelayClient(_BaseClient):
                 finished = False
                 while not finished:
                     ready, terminal = _gather(source.queue, _UPLOAD_CHUNK)
-                    try:
-                        parts = encode_items(enumerate(ready, seq))
-                        seq += len(ready)
-                    except LocalProtocolError:
-                        parts = []  # find the bad item: the ones before it still go
-                        for item in ready:
-                            try:
-                                parts += encode_data_parts(seq, item)
-                            except LocalProtocolError as exc:
-                                terminal = ExceptionSentinel(exc)
-                                break
-                            seq += 1
+                    parts, seq, error = _encode_ready(ready, seq, batched)
+                    if error is not None:
+                        terminal = ExceptionSentinel(error)
                     if terminal is None:
                         finished = True
                         if end:
@@ -556,6 +552,36 @@ class RelayClient(_BaseClient):
 
 
 _OPEN = object()
+
+
+def _encode_ready(
+    ready: list[Any], seq: int, batched: bool
+) -> tuple[list[Any], int, LocalProtocolError | None]:
+    """The buffers of the data frames for `ready`, the next seq, and the error of the
+    first item that cannot be encoded (the items before it are encoded)."""
+    if not batched:
+        try:
+            return encode_items(enumerate(ready, seq)), seq + len(ready), None
+        except LocalProtocolError:
+            pass  # find the bad item below
+    parts: list[Any] = []
+    for item in ready:
+        try:
+            if batched:
+                if not isinstance(item, np.ndarray) or item.ndim == 0:
+                    raise LocalProtocolError(
+                        "batched=True needs arrays with a leading axis of items, "
+                        f"got {type(item).__name__}",
+                        key="count",
+                    )
+                parts += encode_data_parts(seq, item, len(item))
+                seq += len(item)
+            else:
+                parts += encode_data_parts(seq, item)
+                seq += 1
+        except LocalProtocolError as exc:
+            return parts, seq, exc
+    return parts, seq, None
 
 
 def _gather(queue: Any, limit: int) -> tuple[list[Any], Any]:

@@ -29,11 +29,28 @@ from .._exceptions import (
 from .._frames import EndFrame, ErrorFrame, Frame
 from ._base import POLICIES, StreamSpec, check_name
 
-__all__ = ["MemoryConsumer", "MemoryRegistry", "MemoryStream"]
+__all__ = ["Block", "MemoryConsumer", "MemoryRegistry", "MemoryStream"]
 
 
-def _nbytes(item: Any) -> int:
-    return item.nbytes if isinstance(item, np.ndarray) else len(item)
+class Block:
+    """Several items of a stream stacked on the leading axis of one array.
+
+    Producers that get items in bursts (an IMU driver's FIFO, a batch from a data
+    loader) hand them over as one `Block`: the relay keeps and sends it whole, one
+    header per block instead of per item, while each row still counts (and is
+    numbered) as one item.
+    """
+
+    __slots__ = ("array",)
+
+    def __init__(self, array: np.ndarray) -> None:
+        if not isinstance(array, np.ndarray) or array.ndim == 0:
+            raise LocalProtocolError("a Block needs an array with a leading axis", key="data")
+        self.array = array
+
+    def rows(self, seq: int) -> list[tuple[int, Any]]:
+        """The items as `(seq, row)` pairs, the first numbered `seq`."""
+        return list(zip(range(seq, seq + len(self.array)), self.array, strict=True))
 
 
 class _Waiters:
@@ -88,7 +105,8 @@ class MemoryStream:
         self._blocked = 0  # how many
         self._space_waiters = _Waiters()  # producer coroutines wait here
         self._data_waiters = _Waiters()  # consumer coroutines wait here
-        self._items: deque[tuple[int, Any, int]] = deque()  # (seq, item, nbytes)
+        self._items: deque[tuple[int, Any, int]] = deque()  # (seq, item or Block, nbytes)
+        self._depth = 0  # items held (a Block holds several)
         self._bytes = 0
         self._next_seq = 0
         self._terminal: EndFrame | ErrorFrame | None = None
@@ -103,6 +121,10 @@ class MemoryStream:
     # -- producer side ---------------------------------------------------------------
 
     def check_item(self, item: Any) -> None:
+        if type(item) is Block:  # its rows are the items
+            if len(item.array):
+                self.check_item(item.array[0])
+            return
         if isinstance(item, np.generic):
             item = np.asarray(item)
         if isinstance(item, np.ndarray):
@@ -130,31 +152,33 @@ class MemoryStream:
                 key="data",
             )
 
-    def _room(self, nbytes: int) -> bool:
-        """Whether one more item fits now (lock held); may evict in fanout mode."""
+    def _room(self, nbytes: int, n: int = 1) -> bool:
+        """Whether `n` more items fit now (lock held); may evict in fanout mode."""
         if self._terminal is not None:
             raise StreamClosed(f"stream {self.name!r} has finished", stream_name=self.name)
         items = self._items
         if not items:
             return True
-        if len(items) < self.spec.size and self._bytes + nbytes <= self.spec.max_bytes:
+        if self._depth + n <= self.spec.size and self._bytes + nbytes <= self.spec.max_bytes:
             return True
         if self.spec.mode == "queue":
             return False
-        # fanout: old items may go, but none that a `block` consumer still needs; an
-        # item may need several to go (max_bytes): wait unless all of them may.
+        # fanout (one item per entry): old items may go, but none that a `block`
+        # consumer still needs; an item may need several to go (max_bytes): wait
+        # unless all of them may.
         floor = min((c.cursor for c in self._consumers if c.policy == "block"), default=None)
         evict, count, total = 0, len(items), self._bytes
         while count and (count >= self.spec.size or total + nbytes > self.spec.max_bytes):
-            seq, _, n = items[evict]
+            seq, _, size = items[evict]
             if floor is not None and seq >= floor:
                 return False
             evict += 1
             count -= 1
-            total -= n
+            total -= size
         for _ in range(evict):
-            seq, _, n = items.popleft()
-            self._bytes -= n
+            seq, _, size = items.popleft()
+            self._bytes -= size
+            self._depth -= 1
             for c in self._consumers:
                 if c.cursor <= seq:  # drop_oldest/latest consumers lose it
                     c.cursor = seq + 1
@@ -162,42 +186,55 @@ class MemoryStream:
                     self.dropped += 1
         return True
 
-    def _append(self, item: Any, nbytes: int) -> int:
+    def _place(self, item: Any) -> Any:
+        """Add what fits of `item` now (lock held): `None` once all of it is in, else
+        the part still to add (a `Block` may go in pieces). Wakes consumers."""
+        if type(item) is Block:
+            n = len(item.array)
+            if self.spec.mode != "queue":  # fanout keeps one item per entry
+                for i in range(n):
+                    if self._place(item.array[i]) is not None:
+                        return Block(item.array[i:])
+                return None
+            if n == 0:
+                return None
+            free = self.spec.size - self._depth
+            if free <= 0 or not self._room(item.array[:1].nbytes * min(n, free), min(n, free)):
+                return item
+            if n > free:
+                head, rest = Block(item.array[:free]), Block(item.array[free:])
+            else:
+                head, rest = item, None
+            self._append(head, head.array.nbytes, len(head.array))
+            return rest
+        nbytes = item.nbytes if isinstance(item, np.ndarray) else len(item)
+        if not self._room(nbytes):
+            return item
+        self._append(item, nbytes, 1)
+        return None
+
+    def _append(self, item: Any, nbytes: int, n: int) -> None:
         seq = self._next_seq
-        self._next_seq = seq + 1
+        self._next_seq = seq + n
         self._items.append((seq, item, nbytes))
         self._bytes += nbytes
+        self._depth += n
         self._data_waiters.wake()
-        return seq
 
-    async def put(self, item: Any) -> int:
-        nbytes = _nbytes(item)
-        while True:
-            with self._lock:
-                if self._room(nbytes):
-                    return self._append(item, nbytes)
-                fut = self._space_waiters.add()
-            try:
-                await fut
-            finally:
-                with self._lock:
-                    self._space_waiters.discard(fut)
+    async def put(self, item: Any) -> None:
+        await self.put_many([item])
 
     async def put_many(self, items: Sequence[Any]) -> None:
         """Add items in order, as many per lock round as fit, waiting while full."""
         i, n = 0, len(items)
+        rest: Any = None
         while i < n:
             with self._lock:
                 while i < n:
-                    nbytes = _nbytes(items[i])
-                    if not self._room(nbytes):
+                    rest = self._place(items[i] if rest is None else rest)
+                    if rest is not None:
                         break
-                    seq = self._next_seq
-                    self._next_seq = seq + 1
-                    self._items.append((seq, items[i], nbytes))
-                    self._bytes += nbytes
                     i += 1
-                self._data_waiters.wake()
                 if i == n:
                     return
                 fut = self._space_waiters.add()
@@ -207,16 +244,14 @@ class MemoryStream:
                 with self._lock:
                     self._space_waiters.discard(fut)
 
-    def put_blocking(self, item: Any, timeout: float | None = None) -> int:
-        nbytes = _nbytes(item)
+    def put_blocking(self, item: Any, timeout: float | None = None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:  # the Condition's own lock: cheaper to take than the Condition
-            while not self._room(nbytes):
+            while (item := self._place(item)) is not None:
                 wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
                 if wait <= 0:
                     raise TimeoutError(f"stream {self.name!r} stayed full for {timeout} s")
                 self._wait_space(wait)
-            return self._append(item, nbytes)
 
     def _wait_space(self, timeout: float) -> None:
         """Wait (lock held) until a consumer takes something, or `timeout`."""
@@ -233,20 +268,10 @@ class MemoryStream:
             self._space.notify_all()
 
     def put_many_blocking(self, items: Sequence[Any]) -> None:
-        sizes = [_nbytes(item) for item in items]
-        i = 0
         with self._lock:
-            while i < len(items):
-                while not self._room(sizes[i]):
+            for item in items:
+                while (item := self._place(item)) is not None:
                     self._wait_space(1.0)
-                # append as many as fit, waking consumers once
-                while i < len(items) and self._room(sizes[i]):
-                    seq = self._next_seq
-                    self._next_seq = seq + 1
-                    self._items.append((seq, items[i], sizes[i]))
-                    self._bytes += sizes[i]
-                    i += 1
-                self._data_waiters.wake()
 
     def finish(self, frame: Frame) -> None:
         if not isinstance(frame, EndFrame | ErrorFrame):
@@ -267,6 +292,7 @@ class MemoryStream:
             self._aborted = True
             self._items.clear()
             self._bytes = 0
+            self._depth = 0
             self._wake_all()
 
     def _wake_all(self) -> None:
@@ -310,7 +336,7 @@ class MemoryStream:
                 "name": self.name,
                 **self.spec.as_json(),
                 "state": state,
-                "depth": len(self._items),
+                "depth": self._depth,
                 "produced": self._next_seq,
                 "consumed": self.consumed,
                 "dropped": self.dropped,
@@ -325,6 +351,8 @@ class MemoryStream:
             if not self._items:
                 return None
             seq, item, _ = self._items[-1]
+            if type(item) is Block:
+                return seq + len(item.array) - 1, item.array[-1]
             return seq, item
 
 
@@ -353,16 +381,28 @@ class MemoryConsumer:
             if s.spec.mode == "queue":
                 if not items:
                     return s._terminal
-                n = min(max_items, len(items))
                 out = []
-                taken = 0
-                for _ in range(n):
-                    seq, item, nbytes = items.popleft()
+                taken = count = 0
+                while items and count < max_items and taken < max_bytes:
+                    seq, item, nbytes = items[0]
+                    if type(item) is Block:
+                        n = len(item.array)
+                        if count + n > max_items:  # take the part that fits
+                            k = max_items - count
+                            head = Block(item.array[:k])
+                            items[0] = (seq + k, Block(item.array[k:]), nbytes - head.array.nbytes)
+                            item, nbytes, n = head, head.array.nbytes, k
+                        else:
+                            items.popleft()
+                    else:
+                        n = 1
+                        items.popleft()
                     s._bytes -= nbytes
+                    s._depth -= n
                     out.append((seq, item))
                     taken += nbytes
-                    if taken >= max_bytes:
-                        break
+                    count += n
+                s.consumed += count
             else:
                 if not items or self.cursor > items[-1][0]:
                     return s._terminal
@@ -387,7 +427,7 @@ class MemoryConsumer:
                     if taken >= max_bytes:
                         break
                 self.cursor = out[-1][0] + 1
-            s.consumed += len(out)
+                s.consumed += len(out)
             s._space_freed()
             return out
 

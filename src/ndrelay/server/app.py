@@ -16,7 +16,14 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import Receive, Scope, Send
 
-from .._codec import MEDIA_TYPE, FrameDecoder, encode_batch, encode_frame, encode_items
+from .._codec import (
+    MEDIA_TYPE,
+    FrameDecoder,
+    encode_batch,
+    encode_data_parts,
+    encode_frame,
+    encode_items,
+)
 from .._exceptions import (
     AuthError,
     NDRelayError,
@@ -25,7 +32,7 @@ from .._exceptions import (
 )
 from .._frames import DataFrame, EndFrame, ErrorFrame, Frame, HeartbeatFrame
 from .._version import __version__
-from ..registry import POLICIES, Consumer, Registry, Stream, StreamSpec, check_name
+from ..registry import POLICIES, Block, Consumer, Registry, Stream, StreamSpec, check_name
 from .formats import FORMATS, ndjson_line, sse_event
 from .metrics import metrics_response
 from .relay import Relay, Settings
@@ -241,13 +248,32 @@ def _format_from_accept(accept: str) -> str:
     return "msgpack"
 
 
-def _runs(items: list[tuple[int, Any]], limit: int) -> list[tuple[int, list[Any]]]:
+def _rows(items: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
+    """`(seq, item)` pairs with every `Block` opened into its rows."""
+    if not any(type(item) is Block for _, item in items):
+        return items
+    out: list[tuple[int, Any]] = []
+    for seq, item in items:
+        if type(item) is Block:
+            out += item.rows(seq)
+        else:
+            out.append((seq, item))
+    return out
+
+
+def _runs(items: list[tuple[int, Any]], limit: int) -> list[tuple[int, Any]]:
     """Split `(seq, item)` pairs (consecutive seqs) into runs of up to `limit` arrays
-    of one dtype and shape; any other item is a run of its own."""
-    runs: list[tuple[int, list[Any]]] = []
+    of one dtype and shape (lists), or `Block`s of up to `limit` rows; any other item
+    is a run of its own."""
+    runs: list[tuple[int, Any]] = []
     layout: Any = None
     current: list[Any] = []
     for seq, item in items:
+        if type(item) is Block:
+            array = item.array
+            runs += [(seq + i, Block(array[i : i + limit])) for i in range(0, len(array), limit)]
+            layout = None
+            continue
         key = (item.dtype, item.shape) if type(item) is np.ndarray else None
         if key is None or key != layout or len(current) >= limit:
             current = [item]
@@ -260,17 +286,28 @@ def _runs(items: list[tuple[int, Any]], limit: int) -> list[tuple[int, list[Any]
 
 def _batched_frames(items: list[tuple[int, Any]], limit: int) -> list[DataFrame]:
     """`?batch=N` for the human formats: the runs as (batched) frames."""
-    return [
-        DataFrame(seq, run[0]) if len(run) == 1 else DataFrame(seq, np.stack(run), len(run))
-        for seq, run in _runs(items, limit)
-    ]
+    frames = []
+    for seq, run in _runs(items, limit):
+        if type(run) is Block:
+            frames.append(DataFrame(seq, run.array, len(run.array)))
+        elif len(run) == 1:
+            frames.append(DataFrame(seq, run[0]))
+        else:
+            frames.append(DataFrame(seq, np.stack(run), len(run)))
+    return frames
 
 
 def _batched_buffers(items: list[tuple[int, Any]], limit: int) -> list[Any]:
-    """`?batch=N` in msgpack: the runs as (batched) frames, ready to write."""
+    """`?batch=N` in msgpack: the runs as (batched) frames, ready to write; a `Block`
+    goes out as it is, its payload not copied."""
     buffers: list[Any] = []
     for seq, run in _runs(items, limit):
-        buffers += encode_items([(seq, run[0])]) if len(run) == 1 else encode_batch(seq, run)
+        if type(run) is Block:
+            buffers += encode_data_parts(seq, run.array, len(run.array))
+        elif len(run) == 1:
+            buffers += encode_items([(seq, run[0])])
+        else:
+            buffers += encode_batch(seq, run)
     return buffers
 
 
@@ -334,7 +371,7 @@ class FrameStreamResponse(Response):
         if self.fmt != "msgpack":
             encode = ndjson_line if self.fmt == "ndjson" else sse_event
             if frames and isinstance(frames[0], tuple):
-                frames = _batched_frames(frames, self.batch)
+                frames = _batched_frames(_rows(frames) if self.batch == 1 else frames, self.batch)
             body = b"".join(encode(f) for f in frames)
             await send({"type": "http.response.body", "body": body, "more_body": not last})
             return
@@ -343,7 +380,7 @@ class FrameStreamResponse(Response):
         elif self.batch > 1:
             buffers = _batched_buffers(frames, self.batch)
         else:
-            buffers = encode_items(frames)
+            buffers = encode_items(_rows(frames))
         buffers = _coalesce(buffers)
         for i, body in enumerate(buffers):
             more = not last or i < len(buffers) - 1
@@ -423,14 +460,14 @@ class UploadResponse(Response):
                     if finished:
                         raise _Refused(400, "frame after the end of the stream", index)
                     if isinstance(frame, DataFrame):
-                        batch = frame.items()
+                        # a batched frame stays one block: its rows are the items
+                        item = frame.data if frame.count is None else Block(frame.data)
                         try:
-                            for item in batch:
-                                stream.check_item(item)
+                            stream.check_item(item)
                         except NDRelayError as exc:
                             raise _Refused(exc.status_hint, str(exc), index) from None  # type: ignore[attr-defined]
-                        pending += batch
-                        items += len(batch)
+                        pending.append(item)
+                        items += 1 if frame.count is None else frame.count
                     elif isinstance(frame, EndFrame | ErrorFrame):
                         await stream.put_many(pending)
                         pending = []

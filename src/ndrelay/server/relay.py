@@ -13,7 +13,7 @@ import numpy as np
 from .._codec import DEFAULT_MAX_FRAME_SIZE
 from .._exceptions import StreamClosed
 from .._frames import EndFrame, ErrorFrame
-from ..registry import MemoryRegistry, Registry, Stream, StreamSpec
+from ..registry import Block, MemoryRegistry, Registry, Stream, StreamSpec
 
 __all__ = ["Relay", "Settings"]
 
@@ -89,6 +89,7 @@ class Relay:
         max_bytes: int | None = None,
         dtype: str | None = None,
         shape: tuple[int, ...] | None = None,
+        batched: bool = False,
     ) -> Stream:
         """Serve `iterator` as stream `name`; returns at once.
 
@@ -96,6 +97,10 @@ class Relay:
         bounded buffer, waiting while it is full. When the iterator is exhausted the
         stream ends (`end` frame); if it raises, the stream fails (`error` frame with the
         exception's type, message and traceback).
+
+        With `batched=True` each element of `iterator` is an array holding several
+        items stacked on its leading axis (a burst of IMU samples, say): the relay keeps
+        and sends it whole, and its rows are numbered and counted as items.
 
         Raises:
             StreamConflict: the stream exists with another definition.
@@ -106,7 +111,10 @@ class Relay:
             spec_args["max_bytes"] = max_bytes
         stream, _ = self.registry.create(name, StreamSpec(**spec_args))
         thread = threading.Thread(
-            target=_produce, args=(stream, iterator), name=f"ndrelay-publish-{name}", daemon=True
+            target=_produce,
+            args=(stream, iterator, batched),
+            name=f"ndrelay-publish-{name}",
+            daemon=True,
         )
         self._threads = [t for t in self._threads if t.is_alive()]
         self._threads.append(thread)
@@ -125,12 +133,14 @@ class Relay:
             thread.join(timeout)
 
 
-def _produce(stream: Any, iterator: Iterable[Any]) -> None:
+def _produce(stream: Any, iterator: Iterable[Any], batched: bool) -> None:
     it = iter(iterator)
     stream.producers += 1
     try:
         for item in it:
-            if isinstance(item, np.generic):  # a numpy scalar travels as a 0-d array
+            if batched:
+                item = Block(item)
+            elif isinstance(item, np.generic):  # a numpy scalar travels as a 0-d array
                 item = np.asarray(item)
             stream.check_item(item)
             stream.put_blocking(item)

@@ -20,7 +20,8 @@ class ServerHandle:
 
     def __init__(self, relay: Relay, **config: Any) -> None:
         self.relay = relay
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # protocol IPPROTO_TCP, so asyncio sets TCP_NODELAY on accepted connections
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]

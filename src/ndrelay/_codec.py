@@ -552,7 +552,8 @@ class FrameDecoder:
                 else:
                     self._fail(
                         RemoteProtocolError(
-                            f"malformed msgpack: {exc}", frame_index=self.frame_index
+                            f"malformed msgpack: {exc or type(exc).__name__}",
+                            frame_index=self.frame_index,
                         )
                     )
                 return

@@ -85,32 +85,6 @@ def poll(check: Callable[[], Any], what: str, deadline: float = WAIT) -> Any:
 
 
 @pytest.fixture
-def serve(serve: Callable[..., Any]) -> Callable[..., Any]:
-    """The shared `serve` fixture, with TCP_NODELAY on the listening socket.
-
-    `ndrelay serve` gets TCP_NODELAY from asyncio, which sets it on accepted sockets of
-    a listener it created itself. The shared fixture hands uvicorn a socket made with
-    protocol 0, which asyncio does not recognise as TCP, so every response whose head and
-    body are written separately waits ~40 ms for a delayed ACK (Nagle). Accepted sockets
-    inherit the option from the listener; set it there, like production.
-    """
-
-    def start(*args: Any, **settings: Any) -> Any:
-        handle = serve(*args, **settings)
-        for listener in handle.server.servers:
-            for sock in listener.sockets:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return handle
-
-    return start
-
-
-@pytest.fixture
-def server(serve: Callable[..., Any]) -> Any:
-    return serve()
-
-
-@pytest.fixture
 def http(server: Any) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.url, timeout=WAIT) as client:
         yield client

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import json
 import shutil
-import socket
 import subprocess
 from collections.abc import Callable
 from typing import Any
@@ -33,21 +32,6 @@ MAX_TIME = 10
 def _need_curl() -> None:
     if CURL is None:
         pytest.fail("curl is not installed: these tests need it (CI installs it)")
-
-
-@pytest.fixture
-def serve(serve: Callable[..., Any]) -> Callable[..., Any]:
-    """The shared `serve` fixture, with TCP_NODELAY on the listening socket, as under
-    `ndrelay serve` (see test_http_api.py)."""
-
-    def start(*args: Any, **settings: Any) -> Any:
-        handle = serve(*args, **settings)
-        for listener in handle.server.servers:
-            for sock in listener.sockets:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return handle
-
-    return start
 
 
 @pytest.fixture

@@ -41,27 +41,6 @@ MANY = 200
 
 
 @pytest.fixture
-def serve(serve: Callable[..., Any]) -> Callable[..., Any]:
-    """The shared `serve` fixture, with TCP_NODELAY on the listening socket, as under
-    `ndrelay serve` (see test_http_api.py: without it every small response waits ~40 ms
-    for a delayed ACK)."""
-
-    def start(*args: Any, **settings: Any) -> Any:
-        handle = serve(*args, **settings)
-        for listener in handle.server.servers:
-            for sock in listener.sockets:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return handle
-
-    return start
-
-
-@pytest.fixture
-def server(serve: Callable[..., Any]) -> Any:
-    return serve()
-
-
-@pytest.fixture
 def http(server: Any) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.url, timeout=WAIT) as client:
         yield client

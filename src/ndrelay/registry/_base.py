@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, Protocol
 
@@ -130,6 +131,10 @@ class Stream(Protocol):
         ...
 
     def open_consumer(self, policy: str = "block") -> Consumer: ...
+
+    def producing(self) -> AbstractContextManager[None]:
+        """Count a producer while the `with` block runs (shown in `info()`)."""
+        ...
 
     @property
     def finished(self) -> bool: ...

@@ -12,7 +12,8 @@ import asyncio
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -299,6 +300,17 @@ class MemoryStream:
         self._data_waiters.wake()
         self._space_waiters.wake()
         self._space.notify_all()
+
+    @contextmanager
+    def producing(self) -> Iterator[None]:
+        """Count a producer (upload or publish thread) while the block runs."""
+        with self._lock:
+            self.producers += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.producers -= 1
 
     @property
     def finished(self) -> bool:

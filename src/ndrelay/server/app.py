@@ -434,12 +434,15 @@ class UploadResponse(Response):
         self.background = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        with self.stream.producing():
+            await self._upload(scope, receive, send)
+
+    async def _upload(self, scope: Scope, receive: Receive, send: Send) -> None:
         stream = self.stream
         decoder = FrameDecoder(self.settings.max_frame_bytes)
         accepted = items = seen = 0
         finished = False
         pending: list[Any] = []  # items of accepted frames, put once per body message
-        stream.producers += 1  # type: ignore[attr-defined]
         try:
             more = True
             while more:
@@ -502,8 +505,6 @@ class UploadResponse(Response):
         except StreamClosed as exc:
             await self._refuse(receive, send, 409, str(exc), seen - 1, accepted, more)
             return
-        finally:
-            stream.producers -= 1  # type: ignore[attr-defined]
         body = {"accepted": accepted, "items": items, "next_seq": stream.info()["produced"]}
         await JSONResponse(body)(scope, receive, send)
 

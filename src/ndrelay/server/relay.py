@@ -133,31 +133,31 @@ class Relay:
             thread.join(timeout)
 
 
-def _produce(stream: Any, iterator: Iterable[Any], batched: bool) -> None:
+def _produce(stream: Stream, iterator: Iterable[Any], batched: bool) -> None:
     it = iter(iterator)
-    stream.producers += 1
+    with stream.producing():
+        try:
+            for item in it:
+                if batched:
+                    item = Block(item)
+                elif isinstance(item, np.generic):  # a numpy scalar travels as a 0-d array
+                    item = np.asarray(item)
+                stream.check_item(item)
+                stream.put_blocking(item)
+        except StreamClosed:
+            pass  # deleted or shut down: stop quietly
+        except Exception as exc:
+            _finish(stream, ErrorFrame.from_exception(exc, seq=0))
+        else:
+            _finish(stream, EndFrame(seq=0))
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+
+def _finish(stream: Stream, frame: EndFrame | ErrorFrame) -> None:
     try:
-        for item in it:
-            if batched:
-                item = Block(item)
-            elif isinstance(item, np.generic):  # a numpy scalar travels as a 0-d array
-                item = np.asarray(item)
-            stream.check_item(item)
-            stream.put_blocking(item)
+        stream.finish(frame)
     except StreamClosed:
-        pass  # deleted or shut down: stop quietly
-    except Exception as exc:
-        try:
-            stream.finish(ErrorFrame.from_exception(exc, seq=0))
-        except StreamClosed:
-            pass
-    else:
-        try:
-            stream.finish(EndFrame(seq=0))
-        except StreamClosed:
-            pass
-    finally:
-        stream.producers -= 1
-        close = getattr(it, "close", None)
-        if close is not None:
-            close()
+        pass  # deleted or shut down meanwhile

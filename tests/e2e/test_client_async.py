@@ -239,10 +239,11 @@ async def test_read_timeout_on_a_silent_stream(serve):
 
 async def test_heartbeats_keep_an_idle_stream_alive(serve):
     handle = serve(heartbeat_interval=0.1)
-    async with AsyncRelayClient(handle.url, read_timeout=0.75) as client:
+    # generous read timeout: a loaded CI machine may stall the server for a while
+    async with AsyncRelayClient(handle.url, read_timeout=1.5) as client:
         await client.create("idle")
         s = await client.stream("idle")
-        with anyio.move_on_after(2.0):  # idle for over 2 read timeouts; heartbeats: 0.1 s
+        with anyio.move_on_after(3.5):  # idle for over 2 read timeouts; heartbeats: 0.1 s
             await s.__anext__()
             pytest.fail("an item arrived on an idle stream")
         await client.publish("idle", [np.array([i]) for i in range(3)])

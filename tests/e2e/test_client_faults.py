@@ -226,7 +226,8 @@ def test_read_timeout_on_a_silent_stream(serve):
 
 def test_heartbeats_keep_an_idle_stream_alive(serve):
     handle = serve(heartbeat_interval=0.1)
-    with RelayClient(handle.url, read_timeout=0.75) as client:
+    # generous read timeout: a loaded CI machine may stall the server for a while
+    with RelayClient(handle.url, read_timeout=1.5) as client:
         client.create("idle")
         outcome = {}
 
@@ -240,7 +241,7 @@ def test_heartbeats_keep_an_idle_stream_alive(serve):
         reader.start()
         try:
             assert wait_until(lambda: client.info("idle")["consumers"] == 1, 10)
-            time.sleep(2.0)  # idle for over 2 read timeouts; heartbeats every 0.1 s
+            time.sleep(3.5)  # idle for over 2 read timeouts; heartbeats every 0.1 s
             assert reader.is_alive(), outcome
             assert outcome == {}
             client.publish("idle", [np.array([i]) for i in range(3)])

@@ -679,6 +679,22 @@ def _check_disconnect(server: Any, http: httpx.Client, name: str, cut_inside_fra
     assert got[-1] == EndFrame(3)
 
 
+def test_upload_waiting_on_a_full_stream_ends_when_its_client_leaves(server, http):
+    assert http.put("/streams/full", json={"size": 2}).status_code == 201
+    with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) as sock:
+        # five frames for a buffer of two: the upload waits for room
+        sock.sendall(
+            _chunked_head(server.port, "full") + _chunk(b"".join(data(i, arr(i)) for i in range(5)))
+        )
+        poll(lambda: info(http, "full")["depth"] == 2, "the buffer to fill")
+        assert info(http, "full")["producers"] == 1
+    # the client went away: the relay stops waiting on its behalf
+    st = poll(lambda: (st := info(http, "full"))["producers"] == 0 and st, "the upload to end")
+    assert (st["state"], st["depth"]) == ("open", 2)
+    assert upload(http, "full", end(2)).status_code == 200
+    assert [f.seq for f in data_frames(read_all(http, "full"))] == [0, 1]
+
+
 def test_chunked_upload_over_raw_socket(server, http):
     with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) as sock:
         head = _chunked_head(server.port, "raw")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
@@ -116,6 +117,14 @@ class Stream(Protocol):
 
     async def put_many(self, items: Sequence[Any]) -> None:
         """`put` for several items in order (fewer lock rounds)."""
+        ...
+
+    def offer(self, items: Sequence[Any]) -> tuple[list[Any], asyncio.Future[None] | None]:
+        """Add what fits now; the rest, and a future to await before offering it again."""
+        ...
+
+    def forget(self, fut: asyncio.Future[None]) -> None:
+        """Drop a future `offer` returned."""
         ...
 
     def put_blocking(self, item: Any, timeout: float | None = None) -> int:

@@ -225,25 +225,34 @@ class MemoryStream:
     async def put(self, item: Any) -> None:
         await self.put_many([item])
 
+    def offer(self, items: Sequence[Any]) -> tuple[list[Any], asyncio.Future[None] | None]:
+        """Add what fits of `items` now, in order (call on an event loop).
+
+        Returns what is left (its first element may be the rest of a `Block`), and,
+        if anything is, a future that resolves when room may have been made: await
+        it, then offer the rest again.
+        """
+        with self._lock:
+            for i, item in enumerate(items):
+                rest = self._place(item)
+                if rest is not None:
+                    return [rest, *items[i + 1 :]], self._space_waiters.add()
+            return [], None
+
+    def forget(self, fut: asyncio.Future[None]) -> None:
+        """Drop a future `offer` returned (its waiter gave up)."""
+        with self._lock:
+            self._space_waiters.discard(fut)
+
     async def put_many(self, items: Sequence[Any]) -> None:
         """Add items in order, as many per lock round as fit, waiting while full."""
-        i, n = 0, len(items)
-        rest: Any = None
-        while i < n:
-            with self._lock:
-                while i < n:
-                    rest = self._place(items[i] if rest is None else rest)
-                    if rest is not None:
-                        break
-                    i += 1
-                if i == n:
-                    return
-                fut = self._space_waiters.add()
+        rest, fut = self.offer(items)
+        while fut is not None:
             try:
                 await fut
             finally:
-                with self._lock:
-                    self._space_waiters.discard(fut)
+                self.forget(fut)
+            rest, fut = self.offer(rest)
 
     def put_blocking(self, item: Any, timeout: float | None = None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout

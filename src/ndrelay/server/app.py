@@ -434,8 +434,37 @@ class UploadResponse(Response):
         self.background = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._stash: Any = None  # a body message read while waiting for room
         with self.stream.producing():
             await self._upload(scope, receive, send)
+
+    async def _put(self, items: list[Any], receive: Receive) -> None:
+        """Put `items`, waiting for room; while it waits, notice the client leaving.
+
+        At most one body message is read ahead (kept for the upload loop), so a
+        waiting upload holds no more than that in memory.
+        """
+        rest, room = self.stream.offer(items)
+        while room is not None:
+            try:
+                if self._stash is None:
+                    message = asyncio.ensure_future(receive())
+                    await asyncio.wait([room, message], return_when=asyncio.FIRST_COMPLETED)
+                    if message.done():
+                        if message.result()["type"] == "http.disconnect":
+                            raise _ClientGone
+                        self._stash = message.result()
+                    else:
+                        message.cancel()
+                if not room.done():
+                    await room
+            finally:
+                self.stream.forget(room)
+            rest, room = self.stream.offer(rest)
+
+    async def _receive(self, receive: Receive) -> Any:
+        message, self._stash = self._stash, None
+        return message if message is not None else await receive()
 
     async def _upload(self, scope: Scope, receive: Receive, send: Send) -> None:
         stream = self.stream
@@ -447,9 +476,9 @@ class UploadResponse(Response):
             more = True
             while more:
                 if pending:
-                    await stream.put_many(pending)
+                    await self._put(pending, receive)
                     pending = []
-                message = await receive()
+                message = await self._receive(receive)
                 if message["type"] == "http.disconnect":
                     log.info(
                         "upload to %r: client went away after %d frames", stream.name, accepted
@@ -472,20 +501,20 @@ class UploadResponse(Response):
                         pending.append(item)
                         items += 1 if frame.count is None else frame.count
                     elif isinstance(frame, EndFrame | ErrorFrame):
-                        await stream.put_many(pending)
+                        await self._put(pending, receive)
                         pending = []
                         stream.finish(frame)
                         finished = True
                     else:
                         continue  # heartbeat
                     accepted += 1
-            await stream.put_many(pending)
+            await self._put(pending, receive)
             pending = []
             decoder.feed_eof()
         except (ProtocolError, _Refused) as exc:
             # the frames accepted before the bad one are kept
             try:
-                await stream.put_many(pending)
+                await self._put(pending, receive)
             except StreamClosed:
                 pass
             if isinstance(exc, _Refused):
@@ -504,6 +533,9 @@ class UploadResponse(Response):
             return
         except StreamClosed as exc:
             await self._refuse(receive, send, 409, str(exc), seen - 1, accepted, more)
+            return
+        except _ClientGone:
+            log.info("upload to %r: client went away while the stream was full", stream.name)
             return
         body = {"accepted": accepted, "items": items, "next_seq": stream.info()["produced"]}
         await JSONResponse(body)(scope, receive, send)
@@ -545,12 +577,16 @@ class UploadResponse(Response):
         try:
             async with asyncio.timeout(self.settings.upload_drain_seconds):
                 while True:
-                    message = await receive()
+                    message = await self._receive(receive)
                     if message["type"] == "http.disconnect" or not message.get("more_body", False):
                         break
         except TimeoutError:
             pass
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class _ClientGone(Exception):
+    """The uploading client disconnected."""
 
 
 class _Refused(Exception):

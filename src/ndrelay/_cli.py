@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import logging
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
@@ -183,8 +184,11 @@ def _server(config: Any, relay: Any) -> Any:
 
     class GracefulServer(uvicorn.Server):
         async def shutdown(self, sockets: Any = None) -> None:
-            # Consumers get a `relay` error frame ("server shutting down") and their
-            # responses complete, before uvicorn waits for connections to close.
+            # Stop accepting first; then consumers get a `relay` error frame ("server
+            # shutting down") and their responses complete, before uvicorn waits for
+            # connections to close.
+            for server in self.servers:
+                server.close()
             await asyncio.to_thread(relay.close, "server shutting down", 2.0)
             await super().shutdown(sockets)
 
@@ -198,6 +202,22 @@ def _server(config: Any, relay: Any) -> Any:
                 captured.clear()
 
     return GracefulServer(config)
+
+
+def _relay_errors(func: Callable[..., None]) -> Callable[..., None]:
+    """Report the relay's errors (refused connection, unknown stream, shutdown, ...) as
+    one line and exit status 1, not a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        from ._exceptions import NDRelayError
+
+        try:
+            func(*args, **kwargs)
+        except NDRelayError as exc:
+            raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+
+    return wrapper
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -222,6 +242,7 @@ def _shape(text: str) -> tuple[int, ...]:
     help="Frames to send, then end the stream [default: endless].",
 )
 @click.option("--token", envvar="NDRELAY_TOKEN")
+@_relay_errors
 def produce(
     url: str, stream: str, rate: float, shape: str, dtype: str, count: int | None, token: str | None
 ) -> None:
@@ -262,6 +283,7 @@ def produce(
 @click.option("--interval", default=1.0, show_default=True, help="Seconds between rate reports.")
 @click.option("--policy", default=None, help="Fanout streams: block, drop_oldest or latest.")
 @click.option("--token", envvar="NDRELAY_TOKEN")
+@_relay_errors
 def consume(
     url: str, stream: str, count: int | None, interval: float, policy: str | None, token: str | None
 ) -> None:

@@ -153,10 +153,18 @@ class MemoryStream:
                 key="data",
             )
 
+    def _closed(self) -> StreamClosed:
+        terminal = self._terminal
+        if self._aborted and isinstance(terminal, ErrorFrame):
+            why = f"was closed by the relay: {terminal.message}"
+        else:
+            why = "has finished"
+        return StreamClosed(f"stream {self.name!r} {why}", stream_name=self.name)
+
     def _room(self, nbytes: int, n: int = 1) -> bool:
         """Whether `n` more items fit now (lock held); may evict in fanout mode."""
         if self._terminal is not None:
-            raise StreamClosed(f"stream {self.name!r} has finished", stream_name=self.name)
+            raise self._closed()
         items = self._items
         if not items:
             return True
@@ -288,7 +296,7 @@ class MemoryStream:
             raise TypeError("finish() takes an EndFrame or an ErrorFrame")
         with self._lock:
             if self._terminal is not None:
-                raise StreamClosed(f"stream {self.name!r} has finished", stream_name=self.name)
+                raise self._closed()
             self._terminal = type(frame)(**{**_fields(frame), "seq": self._next_seq})
             self._wake_all()
 

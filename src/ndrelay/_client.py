@@ -175,16 +175,19 @@ class _UnitQueue:
         self._closed = False
 
     def put_many(self, units: list[Any]) -> bool:
-        """Add units, waiting while full; False if the queue was closed meanwhile."""
+        """Add units in order, waiting while full; False if the queue was closed meanwhile."""
         with self._cond:
-            while len(self._units) >= self.maxsize and not self._closed:
-                self._cond.wait(0.5)
-            if self._closed:
-                return False
-            was_empty = not self._units
-            self._units.extend(units)
-            if was_empty:
-                self._cond.notify_all()
+            while units:
+                while len(self._units) >= self.maxsize and not self._closed:
+                    self._cond.wait(0.5)
+                if self._closed:
+                    return False
+                room = self.maxsize - len(self._units)
+                was_empty = not self._units
+                self._units.extend(units[:room])
+                units = units[room:]
+                if was_empty:
+                    self._cond.notify_all()
             return True
 
     def finish(self, terminal: None | ExceptionSentinel) -> None:
@@ -279,8 +282,8 @@ class RemoteStream(Buffer[Any]):
     def _read(self) -> None:
         state, queue = self.state, self.queue
         try:
-            for frame in self._response.iter_frames(self._decoder):
-                units = state.handle(frame)
+            for frames in self._response.iter_frames(self._decoder):
+                units = state.handle_all(frames)
                 if units and not queue.put_many(units):
                     return  # closed by the reader
                 if state.finished:

@@ -108,8 +108,10 @@ class HTTPResponse:
                 break
         return bytes(out)
 
-    def iter_frames(self, decoder: FrameDecoder) -> Iterator[Frame]:
-        """Frames of the body until it ends; the caller checks for a terminal frame.
+    def iter_frames(self, decoder: FrameDecoder) -> Iterator[list[Frame]]:
+        """Frames of the body until it ends, as lists: those each read completed. The
+        caller checks for a terminal frame. Before an error, the good frames decoded
+        ahead of it are yielded.
 
         Raises:
             StreamInterrupted: the connection closed inside the body or inside a frame.
@@ -148,12 +150,16 @@ class HTTPResponse:
                 piece = self._next_piece()
                 if piece is None:
                     decoder.feed_eof()
-                    yield from decoder.frames()
                     return
                 decoder.feed(piece)
                 if decoder.get_buffer() is None:
                     conn.recv_size = _RECV_SIZE
-            yield from decoder.frames()
+            frames: list[Frame] = []
+            try:
+                frames.extend(decoder.frames())
+            finally:
+                if frames:
+                    yield frames
 
     def _pieces(self) -> Iterator[memoryview]:
         while (piece := self._next_piece()) is not None:

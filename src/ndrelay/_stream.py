@@ -37,6 +37,29 @@ class StreamState:
         self.error: BaseException | None = None
         self._pending: list[Any] = []
 
+    def handle_all(self, frames: list[Frame]) -> list[Any]:
+        """`handle` for several frames; the units of all of them."""
+        if self.batch is not None or self.finished:
+            return [unit for frame in frames for unit in self.handle(frame)]
+        out = []
+        last = self.last_seq
+        for frame in frames:
+            if self.finished:
+                break  # the stream is over: the reader stops here
+            # the common case inline: one item per frame, no batching
+            if type(frame) is DataFrame and frame.count is None:
+                seq = frame.seq
+                if seq > last + 1 and last >= 0:
+                    self.gaps += seq - last - 1
+                last = seq
+                out.append(frame.data)
+            else:
+                self.last_seq = last
+                out += self.handle(frame)
+                last = self.last_seq
+        self.last_seq = last
+        return out
+
     def handle(self, frame: Frame) -> list[Any]:
         if self.finished:
             raise RemoteProtocolError(f"frame after the end of stream {self.name!r}")

@@ -8,8 +8,10 @@ Relayed: a bare server (`create_app(Relay())`), a producer process uploading wit
 `RelayClient.publish(name, generator)`, a consumer process iterating `stream(name)`.
 
 The generator yields the same pool items as the other peers (read-only numpy arrays, one
-per item, W2b included: ndrelay gets individual items and the consumer asks for
-`stream(name, batch=256, stack=True)`). Queue mode (the default).
+per item). W2b, like the peers: the producer gathers 256 individual items into one block
+(`b"".join`, as the raw and pyzmq producers do) and publishes blocks with
+`batched=True` (one header per 256 items); the consumer asks for
+`stream(name, batch=256, stack=True)`. Queue mode (the default).
 """
 
 from __future__ import annotations
@@ -50,6 +52,19 @@ def _items(q: Any, go: Any, w: Workload, duration: float, limit: int | None, rol
     every = 64 if w.small else 1
     n = 0
     k = 0
+    if w.batch:  # blocks of `batch` items, gathered like the peers' producers do
+        import numpy as np
+
+        while not paced.done(n):
+            parts = []
+            for _ in range(w.batch):
+                parts.append(pool[k])
+                k = k + 1 if k + 1 < POOL else 0
+            block = np.frombuffer(b"".join(parts), dtype=w.dtype)
+            yield block.reshape(w.batch, *w.shape)
+            n += w.batch
+        q.put({"role": role, "result": {"sent": n, "vm": self_vm()}})
+        return
     while not paced.done(n):
         for _ in range(every):
             yield pool[k]
@@ -89,7 +104,8 @@ def served_server(
 
     w = Workload.from_dict(wl)
     relay = Relay()
-    relay.publish(name, _items(q, go, w, duration, limit, producer_role), size=size)
+    items = _items(q, go, w, duration, limit, producer_role)
+    relay.publish(name, items, size=size, batched=bool(w.batch))
     _serve(q, role, create_app(relay))
 
 
@@ -138,7 +154,7 @@ def producer(
     with RelayClient(f"http://127.0.0.1:{port}") as c:
         if size is not None:  # else the upload creates the stream with the server's default
             c.create(name, size=size)
-        c.publish(name, _items(q, go, w, duration, limit, role))
+        c.publish(name, _items(q, go, w, duration, limit, role), batched=bool(w.batch))
 
 
 def _open(c: Any, name: str, go: Any, **kw: Any) -> tuple[Any, Any]:

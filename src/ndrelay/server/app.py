@@ -109,7 +109,7 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        the_relay.close()
+        await asyncio.to_thread(the_relay.close)  # joins producer threads: not on the loop
 
     app = FastAPI(
         title="ndrelay",

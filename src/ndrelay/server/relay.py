@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -129,8 +130,9 @@ class Relay:
         """
         self._closed = True
         self.registry.close(reason)
+        deadline = time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(timeout)
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _produce(stream: Stream, iterator: Iterable[Any], batched: bool) -> None:

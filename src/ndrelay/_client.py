@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import queue as queue_module
+import ssl
 import threading
 import time
 from collections import deque
@@ -85,6 +86,9 @@ class _BaseClient:
         self.timeout = timeout
         self.read_timeout = read_timeout
         self.max_frame_size = max_frame_size
+        if isinstance(verify, str):  # a CA bundle: one context for httpx and the data path
+            verify = ssl.create_default_context(cafile=verify)
+        self.verify: bool | ssl.SSLContext = verify
         self._endpoint = Endpoint.from_url(self.url, timeout, read_timeout, verify)
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
 
@@ -364,7 +368,7 @@ class RelayClient(_BaseClient):
             base_url=self.url,
             headers=self._headers,
             timeout=self.timeout,
-            verify=kwargs.get("verify", True),
+            verify=self.verify,
         )
         self._streams: list[RemoteStream] = []
 
@@ -738,7 +742,7 @@ class AsyncRelayClient(_BaseClient):
             base_url=self.url,
             headers=self._headers,
             timeout=httpx.Timeout(self.timeout, read=self.read_timeout),
-            verify=kwargs.get("verify", True),
+            verify=self.verify,
         )
         self._streams: list[AsyncRemoteStream] = []
 

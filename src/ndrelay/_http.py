@@ -272,7 +272,23 @@ class _Connection:
         if self.pending():
             return True
         ready, _, _ = select.select([self.sock], [], [], 0)
-        return bool(ready)
+        if not ready:
+            return False
+        if not isinstance(self.sock, ssl.SSLSocket):
+            return True
+        # TLS: a readable socket may hold only protocol records (a TLS 1.3 session
+        # ticket), no answer: read what there is without waiting.
+        timeout = self.sock.gettimeout()
+        self.sock.setblocking(False)
+        try:
+            data = self.sock.recv(self.recv_size)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+            return False
+        finally:
+            self.sock.settimeout(timeout)
+        self._buf = self._buf[self._pos :] + data
+        self._pos = 0
+        return True  # an answer, or the end of the connection
 
     # -- writing -------------------------------------------------------------------------
 

@@ -111,8 +111,8 @@ class Stream(Protocol):
         """Raise `SchemaMismatch`/`LocalProtocolError` if `item` may not enter this stream."""
         ...
 
-    async def put(self, item: Any) -> int:
-        """Add one item, waiting while the buffer is full; its seq. Raises `StreamClosed`."""
+    async def put(self, item: Any) -> None:
+        """Add one item, waiting while the buffer is full. Raises `StreamClosed`."""
         ...
 
     async def put_many(self, items: Sequence[Any]) -> None:
@@ -127,7 +127,7 @@ class Stream(Protocol):
         """Drop a future `offer` returned."""
         ...
 
-    def put_blocking(self, item: Any, timeout: float | None = None) -> int:
+    def put_blocking(self, item: Any, timeout: float | None = None) -> None:
         """`put` for producer threads: blocks the calling thread, never an event loop."""
         ...
 
@@ -169,7 +169,7 @@ class Registry(Protocol):
         """Remove the stream; its consumers get a `relay` error frame."""
         ...
 
-    def streams(self) -> list[Stream]: ...
+    def streams(self) -> Sequence[Stream]: ...
 
     def close(self, reason: str = "server shutting down") -> None:
         """Fail every open stream with a `relay` error frame (server shutdown)."""

@@ -541,34 +541,36 @@ class FrameDecoder:
         start = self._fed
         self._fed += len(piece)
         unpacker = self._unpacker
-        while True:
-            try:
-                obj = unpacker.unpack()
-            except msgpack.OutOfData:
-                break
-            except Exception as exc:  # msgpack raises several types for bad input
-                if "exceeds max_" in str(exc):  # a length over the limits set above
-                    self._fail(self._too_large())
-                else:
-                    self._fail(
-                        RemoteProtocolError(
-                            f"malformed msgpack: {exc or type(exc).__name__}",
-                            frame_index=self.frame_index,
-                        )
+        ready, to_frame = self._ready, self._to_frame
+        boundary, limit = self._boundary, self.max_frame_size
+        completed = False
+        try:
+            for obj in unpacker:  # stops at the first incomplete frame
+                end = unpacker.tell()
+                if end - boundary > limit:
+                    self._fail(self._too_large(end - boundary))
+                    return
+                boundary = end
+                ready.append(to_frame(obj))
+                self.frame_index += 1
+                completed = True
+        except ProtocolError as exc:
+            self._fail(exc)
+            return
+        except Exception as exc:  # msgpack raises several types for bad input
+            if "exceeds max_" in str(exc):  # a length over the limits set above
+                self._fail(self._too_large())
+            else:
+                self._fail(
+                    RemoteProtocolError(
+                        f"malformed msgpack: {exc or type(exc).__name__}",
+                        frame_index=self.frame_index,
                     )
-                return
-            end = unpacker.tell()
-            if end - self._boundary > self.max_frame_size:
-                self._fail(self._too_large(end - self._boundary))
-                return
-            self._boundary = end
-            try:
-                frame = self._to_frame(obj)
-            except ProtocolError as exc:
-                self._fail(exc)
-                return
-            self._ready.append(frame)
-            self.frame_index += 1
+                )
+            return
+        finally:
+            self._boundary = boundary
+        if completed:  # a new frame (if any) is pending now
             self._partial = bytearray()
             self._spill = True
             self._probe_at = _SPILL_PROBE

@@ -13,12 +13,12 @@ if TYPE_CHECKING:
 __all__ = ["DataFrame", "EndFrame", "ErrorFrame", "Frame", "HeartbeatFrame"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Frame:
     """Base class of every frame."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DataFrame(Frame):
     """One item, or `count` items stacked on the leading axis of one array.
 
@@ -40,14 +40,14 @@ class DataFrame(Frame):
         return list(self.data)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class EndFrame(Frame):
     """The producer finished; `seq` is the number of items the stream ever held."""
 
     seq: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ErrorFrame(Frame):
     """The stream failed.
 
@@ -99,6 +99,6 @@ class ErrorFrame(Frame):
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class HeartbeatFrame(Frame):
     """Sent on idle streams; readers skip it."""

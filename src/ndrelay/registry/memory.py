@@ -108,6 +108,7 @@ class MemoryStream:
         self._data_waiters = _Waiters()  # consumer coroutines wait here
         self._items: deque[tuple[int, Any, int]] = deque()  # (seq, item or Block, nbytes)
         self._depth = 0  # items held (a Block holds several)
+        self._size, self._max_bytes = spec.size, spec.max_bytes
         self._bytes = 0
         self._next_seq = 0
         self._terminal: EndFrame | ErrorFrame | None = None
@@ -263,8 +264,24 @@ class MemoryStream:
             rest, fut = self.offer(rest)
 
     def put_blocking(self, item: Any, timeout: float | None = None) -> None:
-        deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:  # the Condition's own lock: cheaper to take than the Condition
+            # Fast path, the common case of a publish thread: one array, room for it.
+            if (
+                type(item) is np.ndarray
+                and self._terminal is None
+                and self._depth < self._size
+                and self._bytes + item.nbytes <= self._max_bytes
+            ):
+                seq = self._next_seq
+                self._next_seq = seq + 1
+                self._items.append((seq, item, item.nbytes))
+                self._bytes += item.nbytes
+                self._depth += 1
+                if self._data_waiters._futures:
+                    self._data_waiters.wake()
+                return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
             while (item := self._place(item)) is not None:
                 wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
                 if wait <= 0:

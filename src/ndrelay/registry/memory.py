@@ -242,10 +242,27 @@ class MemoryStream:
         it, then offer the rest again.
         """
         with self._lock:
+            queue, append = self._items, self._items.append
             for i, item in enumerate(items):
+                if (  # fast path: an array that fits, as in put_blocking
+                    type(item) is np.ndarray
+                    and self._terminal is None
+                    and self._depth < self._size
+                    and self._bytes + item.nbytes <= self._max_bytes
+                ):
+                    seq = self._next_seq
+                    self._next_seq = seq + 1
+                    append((seq, item, item.nbytes))
+                    self._bytes += item.nbytes
+                    self._depth += 1
+                    continue
+                if self._data_waiters._futures:
+                    self._data_waiters.wake()
                 rest = self._place(item)
                 if rest is not None:
                     return [rest, *items[i + 1 :]], self._space_waiters.add()
+            if queue and self._data_waiters._futures:
+                self._data_waiters.wake()
             return [], None
 
     def forget(self, fut: asyncio.Future[None]) -> None:

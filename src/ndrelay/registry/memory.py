@@ -223,6 +223,23 @@ class MemoryStream:
         self._append(item, nbytes, 1)
         return None
 
+    def _fits(self, item: Any) -> bool:
+        """The hot path of `_place` (lock held): append an array if there is room without
+        evicting anything; the caller wakes consumers (once for many items)."""
+        if (
+            type(item) is np.ndarray
+            and self._terminal is None
+            and self._depth < self._size
+            and self._bytes + item.nbytes <= self._max_bytes
+        ):
+            seq = self._next_seq
+            self._next_seq = seq + 1
+            self._items.append((seq, item, item.nbytes))
+            self._bytes += item.nbytes
+            self._depth += 1
+            return True
+        return False
+
     def _append(self, item: Any, nbytes: int, n: int) -> None:
         seq = self._next_seq
         self._next_seq = seq + n
@@ -242,27 +259,15 @@ class MemoryStream:
         it, then offer the rest again.
         """
         with self._lock:
-            queue, append = self._items, self._items.append
+            fits = self._fits
             for i, item in enumerate(items):
-                if (  # fast path: an array that fits, as in put_blocking
-                    type(item) is np.ndarray
-                    and self._terminal is None
-                    and self._depth < self._size
-                    and self._bytes + item.nbytes <= self._max_bytes
-                ):
-                    seq = self._next_seq
-                    self._next_seq = seq + 1
-                    append((seq, item, item.nbytes))
-                    self._bytes += item.nbytes
-                    self._depth += 1
+                if fits(item):
                     continue
-                if self._data_waiters._futures:
-                    self._data_waiters.wake()
+                self._data_waiters.wake()
                 rest = self._place(item)
                 if rest is not None:
                     return [rest, *items[i + 1 :]], self._space_waiters.add()
-            if queue and self._data_waiters._futures:
-                self._data_waiters.wake()
+            self._data_waiters.wake()
             return [], None
 
     def forget(self, fut: asyncio.Future[None]) -> None:
@@ -282,20 +287,8 @@ class MemoryStream:
 
     def put_blocking(self, item: Any, timeout: float | None = None) -> None:
         with self._lock:  # the Condition's own lock: cheaper to take than the Condition
-            # Fast path, the common case of a publish thread: one array, room for it.
-            if (
-                type(item) is np.ndarray
-                and self._terminal is None
-                and self._depth < self._size
-                and self._bytes + item.nbytes <= self._max_bytes
-            ):
-                seq = self._next_seq
-                self._next_seq = seq + 1
-                self._items.append((seq, item, item.nbytes))
-                self._bytes += item.nbytes
-                self._depth += 1
-                if self._data_waiters._futures:
-                    self._data_waiters.wake()
+            if self._fits(item):
+                self._data_waiters.wake()
                 return
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:

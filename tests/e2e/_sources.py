@@ -207,3 +207,15 @@ def wait_until(
 def stream_threads() -> list[threading.Thread]:
     """Live reader threads of `RemoteStream`s."""
     return [t for t in threading.enumerate() if t.name.startswith("ndrelay-stream-")]
+
+
+def poll(check: Callable[[], Any], what: str, deadline: float = 10.0) -> Any:
+    """Call `check` until it returns something truthy; fail after `deadline` seconds."""
+    until = time.monotonic() + deadline
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > until:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)

@@ -13,13 +13,14 @@ import json
 import re
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import msgpack
 import numpy as np
 import pytest
+from _sources import poll
 
 from ndrelay import (
     DataFrame,
@@ -70,18 +71,6 @@ def decode(body: bytes) -> list[Frame]:
 
 def data_frames(frames: list[Frame]) -> list[DataFrame]:
     return [f for f in frames if isinstance(f, DataFrame)]
-
-
-def poll(check: Callable[[], Any], what: str, deadline: float = WAIT) -> Any:
-    """Call `check` until it returns something truthy; fail after `deadline` seconds."""
-    until = time.monotonic() + deadline
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > until:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from _sources import poll
 
 from ndrelay import (
     DataFrame,
@@ -50,17 +51,6 @@ def info(http: httpx.Client, name: str) -> dict[str, Any]:
     r = http.get(f"/streams/{name}/info")
     assert r.status_code == 200, r.text
     return r.json()
-
-
-def poll(check: Callable[[], Any], what: str, deadline: float = WAIT) -> Any:
-    until = time.monotonic() + deadline
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > until:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def settle(http: httpx.Client, name: str, key: str, polls: int = 15) -> int:

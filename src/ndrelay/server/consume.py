@@ -1,0 +1,198 @@
+"""The consumer's response: a stream's frames as they come, in msgpack, NDJSON or SSE."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from .._codec import encode_batch, encode_data_parts, encode_frame, encode_items
+from .._frames import DataFrame, Frame, HeartbeatFrame
+from ..registry import Block, Consumer, Stream
+from .formats import FORMATS, ndjson_line, sse_event
+from .relay import Settings
+
+__all__ = ["FrameStreamResponse"]
+
+#: Small frames are coalesced into writes of about this size.
+_COALESCE_BYTES = 256 * 1024
+#: A consumer takes at most this many bytes from its buffer per round.
+_TAKE_BYTES = 4 * 1024 * 1024
+_STREAM_HEADERS = [
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+def _rows(items: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
+    """`(seq, item)` pairs with every `Block` opened into its rows."""
+    if not any(type(item) is Block for _, item in items):
+        return items
+    out: list[tuple[int, Any]] = []
+    for seq, item in items:
+        if type(item) is Block:
+            out += item.rows(seq)
+        else:
+            out.append((seq, item))
+    return out
+
+
+def _runs(items: list[tuple[int, Any]], limit: int) -> list[tuple[int, Any]]:
+    """Split `(seq, item)` pairs (consecutive seqs) into runs of up to `limit` arrays
+    of one dtype and shape (lists), or `Block`s of up to `limit` rows; any other item
+    is a run of its own."""
+    runs: list[tuple[int, Any]] = []
+    layout: Any = None
+    current: list[Any] = []
+    for seq, item in items:
+        if type(item) is Block:
+            array = item.array
+            runs += [(seq + i, Block(array[i : i + limit])) for i in range(0, len(array), limit)]
+            layout = None
+            continue
+        key = (item.dtype, item.shape) if type(item) is np.ndarray else None
+        if key is None or key != layout or len(current) >= limit:
+            current = [item]
+            runs.append((seq, current))
+            layout = key
+        else:
+            current.append(item)
+    return runs
+
+
+def _batched_frames(items: list[tuple[int, Any]], limit: int) -> list[DataFrame]:
+    """`?batch=N` for the human formats: the runs as (batched) frames."""
+    frames = []
+    for seq, run in _runs(items, limit):
+        if type(run) is Block:
+            frames.append(DataFrame(seq, run.array, len(run.array)))
+        elif len(run) == 1:
+            frames.append(DataFrame(seq, run[0]))
+        else:
+            frames.append(DataFrame(seq, np.stack(run), len(run)))
+    return frames
+
+
+def _batched_buffers(items: list[tuple[int, Any]], limit: int) -> list[Any]:
+    """`?batch=N` in msgpack: the runs as (batched) frames, ready to write; a `Block`
+    goes out as it is, its payload not copied."""
+    buffers: list[Any] = []
+    for seq, run in _runs(items, limit):
+        if type(run) is Block:
+            buffers += encode_data_parts(seq, run.array, len(run.array))
+        elif len(run) == 1:
+            buffers += encode_items([(seq, run[0])])
+        else:
+            buffers += encode_batch(seq, run)
+    return buffers
+
+
+class FrameStreamResponse(Response):
+    """A consumer's response: frames as they come, heartbeats when idle.
+
+    It listens for the client's disconnect while it waits, so a consumer that goes
+    away releases its slot at once instead of at the next write.
+    """
+
+    def __init__(
+        self, stream: Stream, consumer: Consumer, fmt: str, batch: int, settings: Settings
+    ) -> None:
+        self.stream = stream
+        self.consumer = consumer
+        self.fmt = fmt
+        self.batch = batch
+        self.settings = settings
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = [(b"content-type", FORMATS[fmt].encode()), *_STREAM_HEADERS]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            pump = asyncio.ensure_future(self._pump(send))
+            watch = asyncio.ensure_future(_wait_disconnect(receive))
+            try:
+                await asyncio.wait([pump, watch], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (pump, watch):
+                    task.cancel()
+                await asyncio.gather(pump, watch, return_exceptions=True)
+            if pump.done() and not pump.cancelled() and pump.exception() is not None:
+                raise pump.exception()  # type: ignore[misc]
+        finally:
+            self.consumer.close()
+
+    async def _pump(self, send: Send) -> None:
+        consumer = self.consumer
+        heartbeat = self.settings.heartbeat_interval
+        batch = self.batch
+        take = max(4 * batch, 256) if self.fmt == "msgpack" else batch
+        while True:
+            got = consumer.take(take, _TAKE_BYTES)
+            if got is None:
+                try:
+                    async with asyncio.timeout(heartbeat):
+                        await consumer.wait()
+                except TimeoutError:
+                    await self._send_frames(send, [HeartbeatFrame()])
+                continue
+            if isinstance(got, Frame):
+                await self._send_frames(send, [got], last=True)
+                return
+            await self._send_frames(send, got)
+
+    async def _send_frames(self, send: Send, frames: list[Any], last: bool = False) -> None:
+        """Write frames, or `(seq, item)` pairs: small ones coalesced into few writes,
+        large payloads handed to the server as views of the arrays."""
+        if self.fmt != "msgpack":
+            encode = ndjson_line if self.fmt == "ndjson" else sse_event
+            if frames and isinstance(frames[0], tuple):
+                frames = _batched_frames(_rows(frames) if self.batch == 1 else frames, self.batch)
+            body = b"".join(encode(f) for f in frames)
+            await send({"type": "http.response.body", "body": body, "more_body": not last})
+            return
+        if not frames or isinstance(frames[0], Frame):
+            buffers = [encode_frame(f) for f in frames]
+        elif self.batch > 1:
+            buffers = _batched_buffers(frames, self.batch)
+        else:
+            buffers = encode_items(_rows(frames))
+        buffers = _coalesce(buffers)
+        for i, body in enumerate(buffers):
+            more = not last or i < len(buffers) - 1
+            await send({"type": "http.response.body", "body": body, "more_body": more})
+        if last and not buffers:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _coalesce(buffers: list[Any]) -> list[Any]:
+    """Join runs of small buffers (up to `_COALESCE_BYTES`); large ones stay views."""
+    out: list[Any] = []
+    run: list[Any] = []
+    size = 0
+    for buf in buffers:
+        n = len(buf)
+        if n >= _COALESCE_BYTES:
+            if run:
+                out.append(b"".join(run) if len(run) > 1 else run[0])
+                run, size = [], 0
+            out.append(buf)
+            continue
+        run.append(buf)
+        size += n
+        if size >= _COALESCE_BYTES:
+            out.append(b"".join(run))
+            run, size = [], 0
+    if run:
+        out.append(b"".join(run) if len(run) > 1 else run[0])
+    return out
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return

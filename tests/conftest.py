@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 import threading
 import time
@@ -13,6 +14,15 @@ import uvicorn
 
 from ndrelay import Relay, create_app
 from ndrelay.server import Settings
+
+
+def need(program: str) -> str:
+    """The path of `program`, or a test failure saying what to install: a test that
+    needs a system program fails without it, never skips (`.ci/run` installs them)."""
+    path = shutil.which(program)
+    if path is None:
+        pytest.fail(f"{program} is not installed: it is needed by this test (see .ci/run)")
+    return path
 
 
 class ServerHandle:

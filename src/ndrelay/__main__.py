@@ -1,5 +1,5 @@
 """`python -m ndrelay`: the `ndrelay` command."""
 
-from ._cli import main
+from .cli import main
 
 main()

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from ndrelay import DataFrame, EndFrame, Frame, FrameDecoder, Relay, encode_frame
-from ndrelay._cli import _demo_count, _demo_radar
+from ndrelay.cli.demo import demo_count, demo_radar
 from ndrelay.server import Settings
 
 pytestmark = pytest.mark.e2e
@@ -38,8 +38,8 @@ def _need_curl() -> None:
 def demo(serve: Callable[..., Any]) -> Any:
     """A server with the streams `ndrelay serve --demo` adds."""
     relay = Relay(settings=Settings())
-    relay.publish("radar", _demo_radar(), size=64, mode="fanout")
-    relay.publish("count", _demo_count(), size=64)
+    relay.publish("radar", demo_radar(), size=64, mode="fanout")
+    relay.publish("count", demo_count(), size=64)
     return serve(relay)
 
 
@@ -345,7 +345,7 @@ def test_create_delete_latest_metrics_with_curl(demo):
 
 def test_curl_with_a_token(serve):
     relay = Relay(settings=Settings(token="s3cret"))
-    relay.publish("count", _demo_count(), size=64)
+    relay.publish("count", demo_count(), size=64)
     server = serve(relay)
     h = host(server)
     status, body, _ = curl(f"{h}/streams")

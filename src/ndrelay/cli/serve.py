@@ -1,0 +1,173 @@
+"""`ndrelay serve`: run the relay server in this process."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import sys
+from typing import Any
+
+import click
+
+from .._version import __version__
+
+__all__ = ["serve"]
+
+
+def _load_source(spec: str) -> Any:
+    module_name, _, func_name = spec.partition(":")
+    if not module_name or not func_name:
+        raise click.BadParameter(
+            f"{spec!r} is not of the form module:function", param_hint="--source"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise click.BadParameter(
+            f"cannot import {module_name!r}: {exc}", param_hint="--source"
+        ) from None
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise click.BadParameter(
+            f"{module_name!r} has no function {func_name!r}", param_hint="--source"
+        )
+    return func
+
+
+@click.command()
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    envvar="NDRELAY_HOST",
+    help="Interface to bind.",
+)
+@click.option(
+    "--port", default=8000, show_default=True, envvar="NDRELAY_PORT", type=int, help="TCP port."
+)
+@click.option(
+    "--token", envvar="NDRELAY_TOKEN", help="Bearer token every endpoint but /healthz requires."
+)
+@click.option(
+    "--demo", is_flag=True, envvar="NDRELAY_DEMO", help="Add demo streams 'radar' and 'count'."
+)
+@click.option(
+    "--source",
+    "sources",
+    multiple=True,
+    envvar="NDRELAY_SOURCE",
+    help="module:function called with the Relay at start-up to register streams (repeatable).",
+)
+@click.option(
+    "--max-frame-bytes",
+    type=int,
+    envvar="NDRELAY_MAX_FRAME_BYTES",
+    help="Largest frame accepted in uploads [default: 268435456].",
+)
+@click.option(
+    "--max-streams",
+    type=int,
+    envvar="NDRELAY_MAX_STREAMS",
+    help="Most streams at once [default: 1024].",
+)
+@click.option(
+    "--heartbeat",
+    type=float,
+    envvar="NDRELAY_HEARTBEAT",
+    help="Seconds between heartbeats on idle streams [default: 15].",
+)
+@click.option(
+    "--shutdown-timeout",
+    type=float,
+    default=10.0,
+    show_default=True,
+    envvar="NDRELAY_SHUTDOWN_TIMEOUT",
+    help="Seconds open connections get to finish on shutdown.",
+)
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    envvar="NDRELAY_LOG_LEVEL",
+    type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+)
+def serve(
+    host: str,
+    port: int,
+    token: str | None,
+    demo: bool,
+    sources: tuple[str, ...],
+    max_frame_bytes: int | None,
+    max_streams: int | None,
+    heartbeat: float | None,
+    shutdown_timeout: float,
+    log_level: str,
+) -> None:
+    """Run the relay server (one worker: streams live in this process's memory)."""
+    import uvicorn
+
+    from ..server import Relay, Settings, create_app
+    from .demo import demo_count, demo_radar
+
+    settings = Settings.from_env()
+    if token:
+        settings.token = token
+    if max_frame_bytes is not None:
+        settings.max_frame_bytes = max_frame_bytes
+    if max_streams is not None:
+        settings.max_streams = max_streams
+    if heartbeat is not None:
+        settings.heartbeat_interval = heartbeat
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    relay = Relay(settings=settings)
+    if demo:
+        relay.publish("radar", demo_radar(), size=64, mode="fanout")
+        relay.publish("count", demo_count(), size=64)
+    for spec in sources:
+        _load_source(spec)(relay)
+    app = create_app(relay)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        workers=1,
+        log_level=log_level,
+        timeout_graceful_shutdown=shutdown_timeout,
+    )
+    server = _server(config, relay)
+    names = ", ".join(s.name for s in relay.registry.streams()) or "none yet"
+    click.echo(
+        f"ndrelay {__version__}: http://{host}:{port} (1 worker, in-memory streams; "
+        f"auth {'on' if settings.token else 'off'}; streams: {names})",
+        err=True,
+    )
+    server.run()
+    if not server.started:
+        sys.exit(1)
+
+
+def _server(config: Any, relay: Any) -> Any:
+    """uvicorn's server, with a graceful shutdown that tells consumers why they stop."""
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            # Stop accepting first; then consumers get a `relay` error frame ("server
+            # shutting down") and their responses complete, before uvicorn waits for
+            # connections to close.
+            for server in self.servers:
+                server.close()
+            await asyncio.to_thread(relay.close, "server shutting down", 2.0)
+            await super().shutdown(sockets)
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            # The shutdown is graceful, so the process exits normally (status 0). uvicorn
+            # would raise the signal again once it is done, and the process would die of
+            # it (SIGTERM: killed, status 143; SIGINT: click's "Aborted!", status 1).
+            captured = getattr(self, "_captured_signals", None)
+            if captured:
+                captured.clear()
+
+    return GracefulServer(config)

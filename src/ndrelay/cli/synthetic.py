@@ -1,0 +1,107 @@
+"""`ndrelay produce` and `ndrelay consume`: synthetic load and a rate meter, for trying a relay."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import click
+
+from ._errors import relay_errors
+
+__all__ = ["consume", "produce"]
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(n) for n in text.split(",") if n.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of integers") from None
+
+
+@click.command()
+@click.argument("url", envvar="NDRELAY_URL")
+@click.argument("stream")
+@click.option(
+    "--rate", default=10.0, show_default=True, help="Frames per second (0: as fast as possible)."
+)
+@click.option("--shape", default="64,128", show_default=True, help="Array shape, comma-separated.")
+@click.option("--dtype", default="<f4", show_default=True, help="numpy dtype.")
+@click.option(
+    "--count",
+    type=int,
+    default=None,
+    help="Frames to send, then end the stream [default: endless].",
+)
+@click.option("--token", envvar="NDRELAY_TOKEN")
+@relay_errors
+def produce(
+    url: str, stream: str, rate: float, shape: str, dtype: str, count: int | None, token: str | None
+) -> None:
+    """Publish synthetic frames to STREAM on the relay at URL."""
+    import numpy as np
+
+    from .._client import RelayClient
+
+    dims = _shape(shape)
+    rng = np.random.default_rng()
+    template = rng.standard_normal(dims).astype(dtype)
+
+    def frames() -> Iterator[Any]:
+        t0 = time.monotonic()
+        i = 0
+        while count is None or i < count:
+            yield template
+            i += 1
+            if rate > 0:
+                time.sleep(max(0.0, t0 + i / rate - time.monotonic()))
+
+    with RelayClient(url, token=token) as client:
+        click.echo(
+            f"producing {'endless' if count is None else count} frames {dims} {dtype} "
+            f"at {rate} Hz to {stream}",
+            err=True,
+        )
+        result = client.publish(stream, frames())
+    click.echo(f"done: {result}", err=True)
+
+
+@click.command()
+@click.argument("url", envvar="NDRELAY_URL")
+@click.argument("stream")
+@click.option(
+    "--count", type=int, default=None, help="Stop after this many items [default: until the end]."
+)
+@click.option("--interval", default=1.0, show_default=True, help="Seconds between rate reports.")
+@click.option("--policy", default=None, help="Fanout streams: block, drop_oldest or latest.")
+@click.option("--token", envvar="NDRELAY_TOKEN")
+@relay_errors
+def consume(
+    url: str, stream: str, count: int | None, interval: float, policy: str | None, token: str | None
+) -> None:
+    """Read STREAM from the relay at URL and report items/s and MB/s."""
+    from .._client import RelayClient
+
+    with RelayClient(url, token=token) as client, client.stream(stream, policy=policy) as remote:
+        n = nbytes = 0
+        window_n = window_bytes = 0
+        last = time.monotonic()
+        for item in remote:
+            size = getattr(item, "nbytes", None) or len(item)
+            n += 1
+            nbytes += size
+            window_n += 1
+            window_bytes += size
+            now = time.monotonic()
+            if now - last >= interval:
+                click.echo(
+                    f"{stream}: {window_n / (now - last):.1f} items/s, "
+                    f"{window_bytes / (now - last) / 1e6:.2f} MB/s, {n} items, "
+                    f"last seq {remote.state.last_seq}"
+                )
+                window_n = window_bytes = 0
+                last = now
+            if count is not None and n >= count:
+                break
+        click.echo(f"{stream}: received {n} items, {nbytes / 1e6:.2f} MB")

@@ -78,6 +78,14 @@ def _load_source(spec: str) -> Any:
     help="Seconds between heartbeats on idle streams [default: 15].",
 )
 @click.option(
+    "--cors-origin",
+    "cors_origins",
+    multiple=True,
+    help="Origin whose pages may read and write streams from a browser, e.g. "
+    "http://localhost:3000 (repeatable; '*' for any) [env NDRELAY_CORS_ORIGINS, "
+    "comma-separated; default: none].",
+)
+@click.option(
     "--shutdown-timeout",
     type=float,
     default=10.0,
@@ -101,6 +109,7 @@ def serve(
     max_frame_bytes: int | None,
     max_streams: int | None,
     heartbeat: float | None,
+    cors_origins: tuple[str, ...],
     shutdown_timeout: float,
     log_level: str,
 ) -> None:
@@ -108,6 +117,7 @@ def serve(
     import uvicorn
 
     from ..server import Relay, Settings, create_app
+    from ..server.relay import check_origin
     from .demo import demo_count, demo_radar
 
     settings = Settings.from_env()
@@ -119,6 +129,13 @@ def serve(
         settings.max_streams = max_streams
     if heartbeat is not None:
         settings.heartbeat_interval = heartbeat
+    if cors_origins:
+        settings.cors_origins = list(cors_origins)
+    for origin in settings.cors_origins:
+        try:
+            check_origin(origin)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--cors-origin") from None
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     relay = Relay(settings=settings)
     if demo:

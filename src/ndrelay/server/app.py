@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.middleware.cors import CORSMiddleware
 
 from .._codec import (
     MEDIA_TYPE,
@@ -28,7 +29,7 @@ from ..registry import POLICIES, Registry, Stream, StreamSpec, check_name
 from .consume import FrameStreamResponse
 from .formats import FORMATS, ndjson_line
 from .metrics import metrics_response
-from .relay import Relay, Settings
+from .relay import Relay, Settings, check_origin
 from .upload import UploadResponse
 
 __all__ = ["create_app"]
@@ -102,6 +103,14 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
         lifespan=lifespan,
     )
     app.state.relay = relay
+    if relay.settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=[check_origin(o) for o in relay.settings.cors_origins],
+            allow_methods=["GET", "POST", "PUT", "DELETE"],
+            allow_headers=["authorization", "content-type", "last-event-id"],
+            expose_headers=["ndrelay-consumer"],
+        )
 
     def check_token(request: Request) -> None:
         token = the_relay.settings.token

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,7 @@ from .._exceptions import StreamClosed
 from .._frames import EndFrame, ErrorFrame
 from ..registry import Block, MemoryRegistry, Registry, Stream, StreamSpec
 
-__all__ = ["Relay", "Settings"]
+__all__ = ["Relay", "Settings", "check_origin"]
 
 
 def _env_int(name: str, default: int) -> int:
@@ -27,6 +28,25 @@ def _env_int(name: str, default: int) -> int:
         return int(value)
     except ValueError:
         raise ValueError(f"{name} must be an integer, got {value!r}") from None
+
+
+def _env_list(name: str) -> list[str]:
+    """A comma-separated environment variable as a list, blanks dropped."""
+    return [part.strip() for part in os.environ.get(name, "").split(",") if part.strip()]
+
+
+def check_origin(origin: str) -> str:
+    """`origin` if it is `*` or a browser origin (`scheme://host[:port]`, no path).
+
+    Raises:
+        ValueError: naming the origin and what an origin looks like.
+    """
+    if origin == "*" or re.fullmatch(r"https?://[^/\s?#]+", origin):
+        return origin
+    raise ValueError(
+        f"CORS origin {origin!r} is not '*' or scheme://host[:port] "
+        "(e.g. http://localhost:3000, no path or trailing slash)"
+    )
 
 
 @dataclass
@@ -40,6 +60,8 @@ class Settings:
         heartbeat_interval: seconds of silence before a consumer gets a heartbeat frame.
         upload_drain_seconds: after refusing an upload, how long to keep reading (and
             discarding) its body so the client can read the error instead of a reset.
+        cors_origins: origins whose pages may call the relay from a browser
+            (`https://viz.example:8443`; `*` for any); none by default.
     """
 
     token: str | None = None
@@ -47,6 +69,7 @@ class Settings:
     max_streams: int = 1024
     heartbeat_interval: float = 15.0
     upload_drain_seconds: float = 10.0
+    cors_origins: list[str] = field(default_factory=list)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -55,6 +78,7 @@ class Settings:
             max_frame_bytes=_env_int("NDRELAY_MAX_FRAME_BYTES", DEFAULT_MAX_FRAME_SIZE),
             max_streams=_env_int("NDRELAY_MAX_STREAMS", 1024),
             heartbeat_interval=float(os.environ.get("NDRELAY_HEARTBEAT", "15") or 15),
+            cors_origins=_env_list("NDRELAY_CORS_ORIGINS"),
         )
 
 

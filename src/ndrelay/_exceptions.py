@@ -140,6 +140,21 @@ class StreamClosed(StreamError):
 
     status_hint = 409
 
+    @classmethod
+    def finished(cls, name: str, state: str = "finished") -> StreamClosed:
+        """The refusal of an upload or publish to a finished stream, saying what to do.
+
+        Args:
+            name: the stream.
+            state: how it finished: `"ended"`, `"failed"` (or just `"finished"`).
+        """
+        return cls(
+            f"stream {name!r} has {state}: a finished stream keeps its end (or error) for "
+            f"late readers, so it takes no more items; delete it (client.delete({name!r}), "
+            f"DELETE /streams/{name}) or publish under another name",
+            stream_name=name,
+        )
+
 
 class StreamConflict(StreamError):
     """The stream exists with a different definition."""

@@ -158,9 +158,9 @@ class MemoryStream:
         terminal = self._terminal
         if self._aborted and isinstance(terminal, ErrorFrame):
             why = f"was closed by the relay: {terminal.message}"
-        else:
-            why = "has finished"
-        return StreamClosed(f"stream {self.name!r} {why}", stream_name=self.name)
+            return StreamClosed(f"stream {self.name!r} {why}", stream_name=self.name)
+        state = "failed" if isinstance(terminal, ErrorFrame) else "ended"
+        return StreamClosed.finished(self.name, state)
 
     def _room(self, nbytes: int, n: int = 1) -> bool:
         """Whether `n` more items fit now (lock held); may evict in fanout mode."""

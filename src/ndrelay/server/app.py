@@ -218,7 +218,7 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
         """
         stream = registry.get_or_create(check_name(name))
         if stream.finished:
-            raise StreamClosed(f"stream {name!r} has finished", stream_name=name)
+            raise StreamClosed.finished(name, stream.info()["state"])
         return UploadResponse(stream, the_relay.settings)
 
     return app

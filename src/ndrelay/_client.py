@@ -91,6 +91,14 @@ class _BaseClient:
         self.verify: bool | ssl.SSLContext = verify
         self._endpoint = Endpoint.from_url(self.url, timeout, read_timeout, verify)
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        # httpx (the JSON calls): over a Unix socket, a transport bound to its path
+        self._httpx_url = self.url if self._endpoint.uds is None else "http://localhost"
+
+    def _httpx_transport(self, cls: Any) -> Any:
+        """The httpx transport for a `unix://` URL, else None (httpx's default)."""
+        if self._endpoint.uds is None:
+            return None
+        return cls(uds=self._endpoint.uds)
 
     @staticmethod
     def _path(name: str, suffix: str = "") -> str:
@@ -353,7 +361,8 @@ class RelayClient(_BaseClient):
     ```
 
     Args:
-        url: the relay's base URL.
+        url: the relay's base URL: `http://host:port`, `https://...`, or
+            `unix:///path/to/socket` for a relay serving on a Unix socket (`--uds`).
         token: bearer token, if the relay wants one.
         timeout: seconds for connecting and for each JSON call.
         read_timeout: seconds a stream may stay silent before `RelayTimeout`
@@ -365,10 +374,11 @@ class RelayClient(_BaseClient):
     def __init__(self, url: str = "http://127.0.0.1:8000", **kwargs: Any) -> None:
         super().__init__(url, **kwargs)
         self._http = httpx.Client(
-            base_url=self.url,
+            base_url=self._httpx_url,
             headers=self._headers,
             timeout=self.timeout,
             verify=self.verify,
+            transport=self._httpx_transport(httpx.HTTPTransport),
         )
         self._streams: list[RemoteStream] = []
 
@@ -739,10 +749,11 @@ class AsyncRelayClient(_BaseClient):
     def __init__(self, url: str = "http://127.0.0.1:8000", **kwargs: Any) -> None:
         super().__init__(url, **kwargs)
         self._http = httpx.AsyncClient(
-            base_url=self.url,
+            base_url=self._httpx_url,
             headers=self._headers,
             timeout=httpx.Timeout(self.timeout, read=self.read_timeout),
             verify=self.verify,
+            transport=self._httpx_transport(httpx.AsyncHTTPTransport),
         )
         self._streams: list[AsyncRemoteStream] = []
 

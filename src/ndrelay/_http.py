@@ -2,8 +2,8 @@
 
 httpx serves every JSON call; this module carries only the two long-lived requests
 whose bytes dominate: a consumer's response body and a producer's upload body. It
-speaks plain HTTP/1.1 with chunked transfer coding, over TCP or TLS, and is lean where
-it matters:
+speaks plain HTTP/1.1 with chunked transfer coding, over TCP, TLS or a Unix socket
+(`unix:///path`), and is lean where it matters:
 
 - reading, it asks the `FrameDecoder` where a large payload goes and `recv_into`s it
   there: the kernel's copy is the only one;
@@ -44,6 +44,8 @@ class Endpoint:
     connect_timeout: float | None
     read_timeout: float | None
     ssl_context: ssl.SSLContext | None = None
+    #: the socket path of a `unix:///path` URL (then `host` is "localhost", `port` 0)
+    uds: str | None = None
 
     @classmethod
     def from_url(
@@ -54,8 +56,16 @@ class Endpoint:
         verify: bool | str | ssl.SSLContext = True,
     ) -> Endpoint:
         parts = urlsplit(url)
+        if parts.scheme == "unix":
+            if not parts.path or parts.netloc:
+                raise ValueError(
+                    f"a Unix socket URL is unix:///absolute/path/to/socket, got {url!r}"
+                )
+            return cls("unix", "localhost", 0, "", connect_timeout, read_timeout, None, parts.path)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"relay URL must be http:// or https:// with a host, got {url!r}")
+            raise ValueError(
+                f"relay URL must be http:// or https:// with a host, or unix:///path, got {url!r}"
+            )
         context = None
         if parts.scheme == "https":
             if isinstance(verify, ssl.SSLContext):
@@ -80,7 +90,38 @@ class Endpoint:
 
     @property
     def origin(self) -> str:
+        if self.uds is not None:
+            return f"unix://{self.uds}"
         return f"{self.scheme}://{self.host}:{self.port}"
+
+    @property
+    def host_header(self) -> str:
+        return self.host if self.uds is not None else f"{self.host}:{self.port}"
+
+    def connect(self, url: str) -> socket.socket:
+        """A connected socket (TCP with TCP_NODELAY, or Unix); `ConnectError` or
+        `RelayTimeout` if it cannot be had."""
+        try:
+            if self.uds is not None:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    sock.settimeout(self.connect_timeout)
+                    sock.connect(self.uds)
+                except BaseException:
+                    sock.close()
+                    raise
+                return sock
+            sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
+        except TimeoutError:
+            raise RelayTimeout("timed out connecting", url=url) from None
+        except OSError as exc:
+            raise ConnectError(f"cannot connect: {exc.strerror or exc}", url=url) from None
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            sock.close()
+            raise ConnectError("cannot set TCP_NODELAY", url=url) from None
+        return sock
 
 
 class HTTPResponse:
@@ -327,25 +368,17 @@ def open_request(
 ) -> tuple[_Connection, str]:
     """Connect and send a request head; returns the connection and the request URL."""
     url = f"{endpoint.origin}{endpoint.base_path}{path}"
-    try:
-        sock = socket.create_connection(
-            (endpoint.host, endpoint.port), timeout=endpoint.connect_timeout
-        )
-    except TimeoutError:
-        raise RelayTimeout("timed out connecting", url=url) from None
-    except OSError as exc:
-        raise ConnectError(f"cannot connect: {exc.strerror or exc}", url=url) from None
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if endpoint.ssl_context is not None:
+    sock: socket.socket = endpoint.connect(url)
+    if endpoint.ssl_context is not None:
+        try:
             sock = endpoint.ssl_context.wrap_socket(sock, server_hostname=endpoint.host)
-    except (OSError, ssl.SSLError) as exc:
-        sock.close()
-        raise ConnectError(f"TLS handshake failed: {exc}", url=url) from None
+        except (OSError, ssl.SSLError) as exc:
+            sock.close()
+            raise ConnectError(f"TLS handshake failed: {exc}", url=url) from None
     conn = _Connection(sock, endpoint.read_timeout)
     lines = [
         f"{method} {endpoint.base_path}{path} HTTP/1.1",
-        f"Host: {endpoint.host}:{endpoint.port}",
+        f"Host: {endpoint.host_header}",
         f"User-Agent: ndrelay/{__version__}",
         "Connection: close",
     ]

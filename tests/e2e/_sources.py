@@ -95,17 +95,44 @@ def rss_bytes(pid: int) -> int | None:
     return None
 
 
+def _unix_listening(path: str) -> bool:
+    """Whether something accepts connections on the Unix socket `path` (probed with a
+    socket that is closed either way: httpcore leaks the one of a failed connect)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        try:
+            sock.connect(path)
+        except OSError:
+            return False
+        return True
+
+
 class ServeProcess:
     """`ndrelay serve --port <free> <args>` in a subprocess; `stop()` kills it by PID.
 
+    With `uds=PATH` it serves on that Unix socket instead (`--uds PATH`, or, with
+    `uds_env=True`, `NDRELAY_UDS=PATH`), and `url` is `unix://PATH`.
     Its stderr goes to a temporary file (`stderr_text()`), never to a pipe that could
     fill up and block the server.
     """
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, wait: bool = True) -> None:
+    def __init__(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+        uds: str | None = None,
+        uds_env: bool = False,
+    ) -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.args = ["serve", "--port", str(self.port), "--log-level", "warning", *args]
+        self.uds = uds
+        self.url = f"unix://{uds}" if uds else f"http://127.0.0.1:{self.port}"
+        if uds and uds_env:
+            env = dict(env if env is not None else clean_env(), NDRELAY_UDS=uds)
+            where = []
+        else:
+            where = ["--uds", uds] if uds else ["--port", str(self.port)]
+        self.args = ["serve", *where, "--log-level", "warning", *args]
         self._stderr = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
             ndrelay_cmd(*self.args),
@@ -129,7 +156,14 @@ class ServeProcess:
                 self.stop()
                 raise RuntimeError(f"ndrelay serve exited with {self.proc.returncode}: {err}")
             try:
-                if httpx.get(self.url + "/healthz", timeout=1.0).status_code == 200:
+                if self.uds:
+                    if not _unix_listening(self.uds):
+                        raise httpx.ConnectError("not listening yet")
+                    with httpx.Client(transport=httpx.HTTPTransport(uds=self.uds)) as client:
+                        status = client.get("http://localhost/healthz", timeout=1.0).status_code
+                else:
+                    status = httpx.get(self.url + "/healthz", timeout=1.0).status_code
+                if status == 200:
                     return
             except httpx.HTTPError:
                 pass

@@ -47,6 +47,12 @@ def _load_source(spec: str) -> Any:
     "--port", default=8000, show_default=True, envvar="NDRELAY_PORT", type=int, help="TCP port."
 )
 @click.option(
+    "--uds",
+    envvar="NDRELAY_UDS",
+    type=click.Path(dir_okay=False),
+    help="Serve on this Unix socket instead of TCP (same-host clients: unix:///PATH).",
+)
+@click.option(
     "--token", envvar="NDRELAY_TOKEN", help="Bearer token every endpoint but /healthz requires."
 )
 @click.option(
@@ -103,6 +109,7 @@ def _load_source(spec: str) -> Any:
 def serve(
     host: str,
     port: int,
+    uds: str | None,
     token: str | None,
     demo: bool,
     sources: tuple[str, ...],
@@ -144,24 +151,41 @@ def serve(
     for spec in sources:
         _load_source(spec)(relay)
     app = create_app(relay)
+    where: dict[str, Any] = {"uds": uds} if uds else {"host": host, "port": port}
     config = uvicorn.Config(
         app,
-        host=host,
-        port=port,
         workers=1,
         log_level=log_level,
         timeout_graceful_shutdown=shutdown_timeout,
+        **where,
     )
     server = _server(config, relay)
     names = ", ".join(s.name for s in relay.registry.streams()) or "none yet"
     click.echo(
-        f"ndrelay {__version__}: http://{host}:{port} (1 worker, in-memory streams; "
-        f"auth {'on' if settings.token else 'off'}; streams: {names})",
+        f"ndrelay {__version__}: {f'unix://{uds}' if uds else f'http://{host}:{port}'} "
+        f"(1 worker, in-memory streams; auth {'on' if settings.token else 'off'}; "
+        f"streams: {names})",
         err=True,
     )
-    server.run()
+    try:
+        server.run()
+    finally:
+        if uds and server.started:
+            _remove_socket(uds)
     if not server.started:
         sys.exit(1)
+
+
+def _remove_socket(path: str) -> None:
+    """Remove the Unix socket file the server listened on (not any other file)."""
+    import os
+    import stat
+
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except OSError:
+        pass
 
 
 def _server(config: Any, relay: Any) -> Any:

@@ -13,8 +13,8 @@ import anyio
 import numpy as np
 import pytest
 from _sources import ServeProcess, bounded
-
 from conftest import need
+
 from ndrelay import AsyncRelayClient, ConnectError, RelayClient, StreamNotFound
 
 pytestmark = pytest.mark.e2e

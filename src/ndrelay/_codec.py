@@ -9,6 +9,13 @@ on its own; if its payload is over `SPILL_THRESHOLD`, the payload is written str
 into the array that will be returned, either by `feed` (one copy) or by a reader that
 asks `get_buffer()` for the memory to `recv_into` (no copy at all; a large *bytes*
 item is copied once more, into the immutable `bytes` it is returned as).
+
+Decoding is bounded by the bytes that arrived, not by what a frame declares: a frame is a
+map of at most `MAX_FRAME_ENTRIES` string keys whose values are scalars (only `shape`, and
+an error's `bases`, are lists: of at most `MAX_SHAPE_DIMS` scalars), strings are at most
+`max_text_size` bytes, and a payload's buffer grows with the bytes received (in doubling
+steps beyond `_DIRECT_ALLOC`), so a peer cannot make the decoder build millions of objects
+or reserve memory it never fills.
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ from ._frames import DataFrame, EndFrame, ErrorFrame, Frame, HeartbeatFrame
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
+    "DEFAULT_MAX_TEXT_SIZE",
+    "MAX_FRAME_ENTRIES",
+    "MAX_SHAPE_DIMS",
     "MEDIA_TYPE",
     "FrameDecoder",
     "check_dtype",
@@ -49,6 +59,16 @@ _SPILL_PROBE = 32
 _FEED_SLICE = 1024 * 1024
 #: Bytes a frame may have besides its payload (keys, dtype, shape, error text).
 _MAX_HEADER = 64 * 1024
+#: Default limit on one string of a frame (an error's message or traceback, say): 1 MiB.
+DEFAULT_MAX_TEXT_SIZE = 1024 * 1024
+#: Most entries a frame's map may have (the format uses at most 7; unknown keys are ignored).
+MAX_FRAME_ENTRIES = 16
+#: Most dimensions of a `shape` (numpy's own limit is 64; the format's is 32).
+MAX_SHAPE_DIMS = 32
+#: A payload up to this size gets its whole buffer at once; a larger one gets a buffer
+#: that grows (doubling) as its bytes arrive, so a frame that declares much and sends
+#: little holds little.
+_DIRECT_ALLOC = 16 * 1024 * 1024
 
 # dtype kinds that survive `dtype.str` exactly: bool, ints, floats, complex,
 # datetimes and timedeltas, fixed-width byte and unicode strings.
@@ -344,9 +364,10 @@ def _array_layout(
     except ValueError as exc:
         raise RemoteProtocolError(str(exc), frame_index=index, key="dtype") from None
     shape = _field(d, "shape", list, index)
-    if len(shape) > 32 or not all(type(n) is int and n >= 0 for n in shape):
+    if len(shape) > MAX_SHAPE_DIMS or not all(type(n) is int and n >= 0 for n in shape):
         raise RemoteProtocolError(
-            f"shape must be a list of at most 32 non-negative integers, got {shape!r}"[:200],
+            f"shape must be a list of at most {MAX_SHAPE_DIMS} non-negative integers, "
+            f"got {shape!r}"[:200],
             frame_index=index,
             key="shape",
         )
@@ -370,28 +391,47 @@ def _array_layout(
 
 
 class _Payload:
-    """A large data frame whose payload is being written into its final buffer."""
+    """A large data frame whose payload is being written into its final buffer.
 
-    __slots__ = ("buffer", "count", "dtype", "filled", "seq", "shape", "view")
+    The buffer holds `len(view)` bytes of the `nbytes` the frame declared: all of them
+    up to `_DIRECT_ALLOC`, else a first step that `grow()` doubles as it fills, so
+    holding a half-sent frame costs about what was sent. `np.empty` does not touch its
+    pages, so even the first step costs memory only as bytes land in it.
+    """
+
+    __slots__ = ("buffer", "count", "dtype", "filled", "nbytes", "seq", "shape", "view")
 
     def __init__(self, header: dict[str, Any], nbytes: int, index: int) -> None:
         self.seq = _seq(header, index)
         if "dtype" in header:
             self.dtype, self.shape, self.count = _array_layout(header, nbytes, index)
-            self.buffer: Any = np.empty(nbytes, dtype=np.uint8)
         else:
             if "shape" in header or "count" in header:  # as `_to_frame` refuses them
                 raise RemoteProtocolError(
                     "shape/count without dtype", frame_index=index, key="dtype"
                 )
             self.dtype = None
-            self.buffer = bytearray(nbytes)
+        self.nbytes = nbytes
+        self.buffer: Any = np.empty(min(nbytes, _DIRECT_ALLOC), dtype=np.uint8)
         self.view = memoryview(self.buffer)
         self.filled = 0
 
+    def room(self) -> memoryview:
+        """Memory for the next bytes of the payload (growing the buffer if it is full)."""
+        if self.filled == len(self.view):
+            self.grow()
+        return self.view[self.filled :]
+
+    def grow(self) -> None:
+        """Double the buffer (at most to `nbytes`), keeping the bytes received."""
+        size = min(self.nbytes, 2 * len(self.view))
+        buffer = np.empty(size, dtype=np.uint8)
+        buffer[: self.filled] = self.buffer[: self.filled]
+        self.buffer, self.view = buffer, memoryview(buffer)
+
     def frame(self) -> DataFrame:
         if self.dtype is None:
-            return DataFrame(self.seq, bytes(self.buffer))
+            return DataFrame(self.seq, self.buffer.tobytes())
         array = self.buffer.view(self.dtype).reshape(self.shape)
         return DataFrame(self.seq, array, self.count)
 
@@ -414,17 +454,29 @@ class FrameDecoder:
 
     Frames that break the format raise a `RemoteProtocolError` naming the frame index and
     key, from `frames()`, after every good frame before them; the decoder then refuses
-    further input with the same error.
+    further input with the same error. What a frame may create is bounded before it is
+    created: a map of more than `MAX_FRAME_ENTRIES` entries, a key that is not a string,
+    a map or list nested where the format has none, a list of more than `MAX_SHAPE_DIMS`
+    entries or a string over `max_text_size` is refused (400) naming the key, so decoding
+    a frame never costs more than a small multiple of its bytes.
 
     Args:
         max_frame_size: largest accepted frame in bytes; a frame announcing more is
             refused (`FrameTooLarge`) before its payload is buffered.
+        max_text_size: longest accepted string (an error's message or traceback, say).
     """
 
-    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+    def __init__(
+        self,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        max_text_size: int = DEFAULT_MAX_TEXT_SIZE,
+    ) -> None:
         if max_frame_size < 1:
             raise ValueError("max_frame_size must be positive")
+        if max_text_size < 1:
+            raise ValueError("max_text_size must be positive")
         self.max_frame_size = max_frame_size
+        self.max_text_size = max_text_size
         #: frames completed so far (heartbeats included): the index of the next frame
         self.frame_index = 0
         self._ready: deque[Frame] = deque()
@@ -437,17 +489,34 @@ class FrameDecoder:
         self._unpacker = msgpack.Unpacker(
             raw=False,
             max_buffer_size=limit + _FEED_SLICE,
-            max_bin_len=self.max_frame_size,
-            max_str_len=limit,
-            max_array_len=limit,
-            max_map_len=limit,
-            max_ext_len=limit,
+            max_bin_len=limit,
+            max_str_len=min(limit, self.max_text_size),
+            max_array_len=MAX_SHAPE_DIMS,
+            max_map_len=MAX_FRAME_ENTRIES,
+            max_ext_len=0,
+            object_hook=self._on_map,
+            list_hook=self._on_list,
         )
+        # Containers the frame being decoded may still complete: its own map and one
+        # list (`shape`). One more means nesting, refused before it can multiply.
+        self._maps = self._lists = 1
         self._fed = 0  # bytes fed to this unpacker
         self._boundary = 0  # offset where its current (incomplete) frame starts
         self._partial = bytearray()  # that frame's bytes so far, for a spill
         self._spill = True  # whether that frame may still spill
         self._probe_at = _SPILL_PROBE  # its length at which to look at its header next
+
+    def _on_map(self, obj: dict[Any, Any]) -> dict[Any, Any]:
+        self._maps -= 1
+        if self._maps < 0:
+            raise _Nested
+        return obj
+
+    def _on_list(self, obj: list[Any]) -> list[Any]:
+        self._lists -= 1
+        if self._lists < 0:
+            raise _Nested
+        return obj
 
     # -- state ---------------------------------------------------------------------------
 
@@ -486,7 +555,7 @@ class FrameDecoder:
         payload = self._payload
         if payload is None or self._error is not None:
             return None
-        return payload.view[payload.filled :]
+        return payload.room()
 
     def buffer_updated(self, nbytes: int) -> None:
         """Record that `nbytes` bytes were written at the start of `get_buffer()`."""
@@ -496,7 +565,7 @@ class FrameDecoder:
         if not 0 <= nbytes <= len(payload.view) - payload.filled:
             raise ValueError(f"buffer_updated({nbytes}) outside the buffer given")
         payload.filled += nbytes
-        if payload.filled == len(payload.view):
+        if payload.filled == payload.nbytes:
             self._finish_payload()
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
@@ -514,11 +583,12 @@ class FrameDecoder:
         while pos < end and self._error is None:
             payload = self._payload
             if payload is not None:
-                n = min(end - pos, len(payload.view) - payload.filled)
-                payload.view[payload.filled : payload.filled + n] = view[pos : pos + n]
+                room = payload.room()
+                n = min(end - pos, len(room))
+                room[:n] = view[pos : pos + n]
                 pos += n
                 payload.filled += n
-                if payload.filled == len(payload.view):
+                if payload.filled == payload.nbytes:
                     self._finish_payload()
                 continue
             piece = view[pos : pos + _FEED_SLICE]
@@ -551,6 +621,7 @@ class FrameDecoder:
                     self._fail(self._too_large(end - boundary))
                     return
                 boundary = end
+                self._maps = self._lists = 1
                 ready.append(to_frame(obj))
                 self.frame_index += 1
                 completed = True
@@ -558,15 +629,13 @@ class FrameDecoder:
             self._fail(exc)
             return
         except Exception as exc:  # msgpack raises several types for bad input
-            if "exceeds max_" in str(exc):  # a length over the limits set above
-                self._fail(self._too_large())
+            if boundary >= start:  # the bad frame started in this piece
+                raw = bytes(piece[boundary - start :])
+            elif self._spill:  # ... or earlier, and its first bytes were kept
+                raw = bytes(self._partial) + bytes(piece)
             else:
-                self._fail(
-                    RemoteProtocolError(
-                        f"malformed msgpack: {exc or type(exc).__name__}",
-                        frame_index=self.frame_index,
-                    )
-                )
+                raw = b""
+            self._fail(self._refusal(exc, raw))
             return
         finally:
             self._boundary = boundary
@@ -583,6 +652,31 @@ class FrameDecoder:
             if len(self._partial) >= self._probe_at:
                 self._try_spill()
 
+    def _refusal(self, exc: Exception, raw: bytes) -> RemoteProtocolError:
+        """The error for a frame msgpack (or a hook above) stopped on; `raw`: its bytes."""
+        text = str(exc)
+        if "exceeds max_bin_len" in text:
+            return self._too_large()
+        walk = _walk_header(raw, self.max_text_size)
+        if walk[0] == "bad":
+            return RemoteProtocolError(walk[4], frame_index=self.frame_index, key=walk[5])
+        if not isinstance(exc, _Nested) and "exceeds max_" not in text:
+            return RemoteProtocolError(
+                f"malformed msgpack: {text or type(exc).__name__}", frame_index=self.frame_index
+            )
+        for limit, reason in (
+            ("max_str_len", f"a string over the {self.max_text_size}-byte limit"),
+            ("max_map_len", f"a map of more than {MAX_FRAME_ENTRIES} entries"),
+            ("max_array_len", f"a list of more than {MAX_SHAPE_DIMS} entries"),
+            ("max_ext_len", "a msgpack ext value (the format has none)"),
+        ):
+            if limit in text:
+                return RemoteProtocolError(reason, frame_index=self.frame_index)
+        return RemoteProtocolError(
+            "nested maps or lists (a frame's values are scalars; only shape is a list)",
+            frame_index=self.frame_index,
+        )
+
     def _too_large(self, size: int | None = None) -> FrameTooLarge:
         what = "frame" if size is None else f"frame of {size} bytes"
         return FrameTooLarge(
@@ -593,7 +687,10 @@ class FrameDecoder:
     def _try_spill(self) -> None:
         """Parse the pending frame's header; if a large bin payload ends it, go direct."""
         raw = bytes(self._partial)
-        status, header, payload_at, nbytes = _parse_header(raw)
+        status, header, payload_at, nbytes, reason, key = _walk_header(raw, self.max_text_size)
+        if status == "bad":
+            self._fail(RemoteProtocolError(reason, frame_index=self.frame_index, key=key))
+            return
         if status == "incomplete" and len(raw) < _MAX_HEADER:
             self._probe_at = 2 * len(raw)  # try again with twice the bytes: O(n log n)
             return
@@ -663,6 +760,8 @@ class FrameDecoder:
                 else:
                     layout = _layouts.get((obj.get("dtype"), *shape))
                     if layout is not None and layout[2] == len(data) and "count" not in obj:
+                        if len(obj) > 5:
+                            _check_extras(obj, index)
                         # bytearray makes the array writable, in one copy of a small payload
                         return DataFrame(seq, np.ndarray(layout[1], layout[0], bytearray(data)))
             data = obj.get("data")
@@ -675,6 +774,8 @@ class FrameDecoder:
                     key="data",
                 )
             seq = _seq(obj, index)
+            if len(obj) > 3 + 2 * ("dtype" in obj) + ("count" in obj):
+                _check_extras(obj, index)
             if "dtype" not in obj:
                 if "shape" in obj or "count" in obj:
                     raise RemoteProtocolError(
@@ -685,6 +786,8 @@ class FrameDecoder:
             if count is None and len(_layouts) < 4096:
                 _layouts[(obj["dtype"], *shape)] = (dt, shape, len(data))
             return DataFrame(seq, np.ndarray(shape, dt, bytearray(data)), count)
+        if len(obj) > 1:
+            _check_extras(obj, index)
         if kind == "heartbeat":
             return HeartbeatFrame()
         if kind == "end":
@@ -702,41 +805,159 @@ class FrameDecoder:
         raise RemoteProtocolError(f"unknown kind {kind!r}"[:200], frame_index=index, key="kind")
 
 
+class _Nested(Exception):
+    """Raised inside msgpack by `FrameDecoder`'s hooks: a second map or list in a frame."""
+
+
 _BIN_LEN = {0xC4: (1, ">B"), 0xC5: (2, ">H"), 0xC6: (4, ">I")}
+_STR_LEN = {0xD9: (1, ">B"), 0xDA: (2, ">H"), 0xDB: (4, ">I")}
+#: Keys of the format; values under other keys are skipped (but must be scalars).
+_KEYS = frozenset(
+    ("kind", "seq", "dtype", "shape", "count", "data", "origin", "type", "message")
+    + ("traceback", "bases")
+)
+#: The keys whose value is a list (of scalars).
+_LIST_KEYS = frozenset(("shape", "bases"))
 
 
-def _parse_header(raw: bytes) -> tuple[str, dict[str, Any], int, int]:
-    """Header of a frame whose last key is `data` with a bin value.
+def _container(t: int) -> str | None:
+    """What the msgpack type byte `t` opens, if it is not a scalar: map, list or ext."""
+    if 0x80 <= t <= 0x8F or t in (0xDE, 0xDF):
+        return "map"
+    if 0x90 <= t <= 0x9F or t in (0xDC, 0xDD):
+        return "list"
+    if 0xC7 <= t <= 0xC9 or 0xD4 <= t <= 0xD8:
+        return "msgpack ext value"
+    return None
 
-    Returns `(status, header, payload offset, payload length)`; status is `"ok"`,
-    `"incomplete"` (`raw` ends inside the header) or `"no"` (not a map ending with a
-    bin `data`, or malformed: the normal path will say what is wrong).
+
+def _str_len(raw: bytes, at: int) -> int | None:
+    """The length of the str starting at `raw[at]` (-1: not a str; None: incomplete)."""
+    t = raw[at]
+    if 0xA0 <= t <= 0xBF:
+        return t & 0x1F
+    size = _STR_LEN.get(t)
+    if size is None:
+        return -1
+    if at + 1 + size[0] > len(raw):
+        return None
+    n: int = struct.unpack_from(size[1], raw, at + 1)[0]
+    return n
+
+
+def _walk_header(
+    raw: bytes, max_text: int
+) -> tuple[str, dict[str, Any], int, int, str, str | None]:
+    """Walk a frame's leading bytes without building any container.
+
+    Returns `(status, header, payload offset, payload length, reason, key)`; status is
+    `"ok"` (a map whose last key is `data`, a bin: its payload can go straight into an
+    array), `"incomplete"` (`raw` ends first), `"no"` (a frame of another shape: the
+    normal path decodes it and says what is wrong, if anything) or `"bad"`: it breaks the
+    format's bounds (`reason`, and the `key` it happened under).
     """
-    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(raw), 1))
-    unpacker.feed(raw[:_MAX_HEADER])
+
+    def bad(
+        reason: str, key: str | None = None
+    ) -> tuple[str, dict[str, Any], int, int, str, str | None]:
+        return "bad", header, 0, 0, reason[:300], None if key is None else key[:64]
+
     header: dict[str, Any] = {}
+    if not raw:
+        return "incomplete", header, 0, 0, "", None
+    top = _container(raw[0])
+    if top is not None and top != "map":
+        kind = "list" if top == "list" else "ExtType"
+        return bad(f"a frame must be a msgpack map, got {kind}")
+    if top is None:
+        return "no", header, 0, 0, "", None
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(raw))
+    unpacker.feed(raw)
     try:
         n = unpacker.read_map_header()
+        if n > MAX_FRAME_ENTRIES:
+            return bad(f"a frame map of {n} entries (at most {MAX_FRAME_ENTRIES})")
         for i in range(n):
+            at = unpacker.tell()
+            if at >= len(raw):
+                return "incomplete", header, 0, 0, "", None
+            length = _str_len(raw, at)
+            if length is None:
+                return "incomplete", header, 0, 0, "", None
+            if length < 0:
+                return bad(f"a key that is not a string (msgpack type 0x{raw[at]:02x})")
+            if length > max_text:
+                return bad(f"a key of {length} bytes (strings: at most {max_text})")
             key = unpacker.unpack()
-            if key == "data":
-                if i != n - 1:
-                    return "no", header, 0, 0
-                at = unpacker.tell()
-                if at >= len(raw):
-                    return "incomplete", header, 0, 0
+            at = unpacker.tell()
+            if at >= len(raw):
+                return "incomplete", header, 0, 0, "", None
+            what = _container(raw[at])
+            if what is not None and key == "data":
+                return bad(f"data must be msgpack bin, got a {what}", key)
+            if what is not None and what != "list":
+                return bad(
+                    f"ill-typed value: a {what} under key {key!r} (frame values are scalars)", key
+                )
+            if what == "list":
+                if key not in _LIST_KEYS:
+                    return bad(
+                        f"ill-typed value: a list under key {key!r} (only shape is a list)", key
+                    )
+                must = f"{key} must be a list of at most {MAX_SHAPE_DIMS} scalars"
+                if key == "shape":
+                    must = f"shape must be a list of at most {MAX_SHAPE_DIMS} non-negative integers"
+                m = unpacker.read_array_header()
+                if m > MAX_SHAPE_DIMS:
+                    return bad(f"{must}, got {m} entries", key)
+                values = []
+                for _ in range(m):
+                    at = unpacker.tell()
+                    if at >= len(raw):
+                        return "incomplete", header, 0, 0, "", None
+                    if _container(raw[at]) is not None:
+                        return bad(f"{must}, got a {_container(raw[at])} in it", key)
+                    length = _str_len(raw, at)
+                    if length is not None and length > max_text:
+                        return bad(f"a string of {length} bytes in {key} (at most {max_text})", key)
+                    values.append(unpacker.unpack())
+                header[key] = values
+                continue
+            length = _str_len(raw, at)
+            if length is not None and length > max_text:
+                return bad(
+                    f"a string of {length} bytes under key {key!r} (at most {max_text})", key
+                )
+            if key == "data" and i == n - 1:
                 size = _BIN_LEN.get(raw[at])
                 if size is None:
-                    return "no", header, 0, 0
+                    return "no", header, 0, 0, "", None
                 if at + 1 + size[0] > len(raw):
-                    return "incomplete", header, 0, 0
+                    return "incomplete", header, 0, 0, "", None
                 (nbytes,) = struct.unpack_from(size[1], raw, at + 1)
-                return "ok", header, at + 1 + size[0], nbytes
-            if type(key) is not str:
-                return "no", header, 0, 0
-            header[key] = unpacker.unpack()
+                return "ok", header, at + 1 + size[0], nbytes, "", None
+            if key in _KEYS and key != "data":
+                header[key] = unpacker.unpack()
+            else:
+                unpacker.skip()
     except msgpack.OutOfData:
-        return "incomplete", header, 0, 0
+        return "incomplete", header, 0, 0, "", None
     except Exception:
-        return "no", header, 0, 0
-    return "no", header, 0, 0
+        return "no", header, 0, 0, "", None
+    return "no", header, 0, 0, "", None
+
+
+def _check_extras(obj: dict[Any, Any], index: int) -> None:
+    """Refuse keys that are not strings, and maps or lists under keys the format lacks."""
+    for key, value in obj.items():
+        if type(key) is not str:
+            raise RemoteProtocolError(
+                f"a key that is not a string: {key!r}"[:200], frame_index=index
+            )
+        if key not in _KEYS and type(value) in (dict, list):
+            what = "map" if type(value) is dict else "list"
+            raise RemoteProtocolError(
+                f"ill-typed value: a {what} under key {key!r} (frame values are scalars)"[:300],
+                frame_index=index,
+                key=key[:64],
+            )

@@ -35,6 +35,17 @@ def _load_source(spec: str) -> Any:
     return func
 
 
+def _size(text: str | None, what: str) -> int | None:
+    from .._sizes import parse_size
+
+    if text is None:
+        return None
+    try:
+        return parse_size(text, what)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @click.command()
 @click.option(
     "--host",
@@ -78,6 +89,13 @@ def _load_source(spec: str) -> Any:
     help="Most streams at once [default: 1024].",
 )
 @click.option(
+    "--max-memory",
+    envvar="NDRELAY_MAX_MEMORY",
+    callback=lambda ctx, param, value: _size(value, "--max-memory"),
+    help="Most payload bytes buffered over all streams together, e.g. 256MiB, 1GiB or "
+    "plain bytes; producers wait beyond it [default: half the memory the process may use].",
+)
+@click.option(
     "--heartbeat",
     type=float,
     envvar="NDRELAY_HEARTBEAT",
@@ -115,6 +133,7 @@ def serve(
     sources: tuple[str, ...],
     max_frame_bytes: int | None,
     max_streams: int | None,
+    max_memory: int | None,
     heartbeat: float | None,
     cors_origins: tuple[str, ...],
     shutdown_timeout: float,
@@ -123,6 +142,7 @@ def serve(
     """Run the relay server (one worker: streams live in this process's memory)."""
     import uvicorn
 
+    from .._sizes import format_size
     from ..server import Relay, Settings, create_app
     from ..server.relay import check_origin
     from .demo import demo_count, demo_radar
@@ -134,6 +154,8 @@ def serve(
         settings.max_frame_bytes = max_frame_bytes
     if max_streams is not None:
         settings.max_streams = max_streams
+    if max_memory is not None:
+        settings.max_memory = max_memory
     if heartbeat is not None:
         settings.heartbeat_interval = heartbeat
     if cors_origins:
@@ -164,7 +186,7 @@ def serve(
     click.echo(
         f"ndrelay {__version__}: {f'unix://{uds}' if uds else f'http://{host}:{port}'} "
         f"(1 worker, in-memory streams; auth {'on' if settings.token else 'off'}; "
-        f"streams: {names})",
+        f"max memory {format_size(settings.max_memory)}; streams: {names})",
         err=True,
     )
     try:

@@ -1,6 +1,7 @@
 """Registries of named streams: the interface and its backends."""
 
 from ._base import NAME_PATTERN, POLICIES, Consumer, Registry, Stream, StreamSpec, check_name
+from ._budget import MemoryBudget
 from .memory import Block, MemoryConsumer, MemoryRegistry, MemoryStream
 
 __all__ = [
@@ -8,6 +9,7 @@ __all__ = [
     "POLICIES",
     "Block",
     "Consumer",
+    "MemoryBudget",
     "MemoryConsumer",
     "MemoryRegistry",
     "MemoryStream",

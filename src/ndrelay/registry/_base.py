@@ -11,6 +11,7 @@ from typing import Any, Literal, Protocol
 
 from .._codec import check_dtype
 from .._frames import Frame
+from ._budget import MemoryBudget
 
 __all__ = [
     "NAME_PATTERN",
@@ -153,6 +154,9 @@ class Stream(Protocol):
 
 class Registry(Protocol):
     """A set of named streams. The in-memory backend is `MemoryRegistry`."""
+
+    #: The relay-wide bound on buffered bytes its streams draw on (`None`: unbounded).
+    budget: MemoryBudget | None
 
     def create(self, name: str, spec: StreamSpec) -> tuple[Stream, bool]:
         """Create `name` (`(stream, True)`), or return the identical existing one

@@ -29,6 +29,7 @@ from .._exceptions import (
 )
 from .._frames import EndFrame, ErrorFrame, Frame
 from ._base import POLICIES, StreamSpec, check_name
+from ._budget import MemoryBudget
 
 __all__ = ["Block", "MemoryConsumer", "MemoryRegistry", "MemoryStream"]
 
@@ -95,11 +96,16 @@ def _resolve(fut: asyncio.Future[None]) -> None:
 
 
 class MemoryStream:
-    """One stream: a bounded buffer of `(seq, item)` with queue or fanout delivery."""
+    """One stream: a bounded buffer of `(seq, item)` with queue or fanout delivery.
 
-    def __init__(self, name: str, spec: StreamSpec) -> None:
+    With a `budget`, the bytes it holds also count against the relay-wide bound.
+    """
+
+    def __init__(self, name: str, spec: StreamSpec, budget: MemoryBudget | None = None) -> None:
         self.name = name
         self.spec = spec
+        self._budget = budget
+        self._ticket: int | None = None  # set when the budget refused the last item
         self.created = time.time()
         self._lock = threading.Lock()
         self._space = threading.Condition(self._lock)  # producer threads wait here
@@ -167,10 +173,10 @@ class MemoryStream:
         if self._terminal is not None:
             raise self._closed()
         items = self._items
-        if not items:
-            return True
-        if self._depth + n <= self.spec.size and self._bytes + nbytes <= self.spec.max_bytes:
-            return True
+        if not items or (
+            self._depth + n <= self.spec.size and self._bytes + nbytes <= self.spec.max_bytes
+        ):
+            return self._reserve(nbytes)
         if self.spec.mode == "queue":
             return False
         # fanout (one item per entry): old items may go, but none that a `block`
@@ -185,15 +191,43 @@ class MemoryStream:
             evict += 1
             count -= 1
             total -= size
+        self._evict(evict)
+        return self._reserve(nbytes)
+
+    def _evict(self, evict: int) -> None:
+        """Drop the `evict` oldest items of a fanout stream (lock held)."""
+        items, freed = self._items, 0
         for _ in range(evict):
             seq, _, size = items.popleft()
-            self._bytes -= size
+            freed += size
             self._depth -= 1
             for c in self._consumers:
                 if c.cursor <= seq:  # drop_oldest/latest consumers lose it
                     c.cursor = seq + 1
                     c.dropped += 1
                     self.dropped += 1
+        self._bytes -= freed
+        if self._budget is not None:
+            self._budget.release(freed)
+
+    def _reserve(self, nbytes: int) -> bool:
+        """Take `nbytes` from the relay-wide budget (lock held). A fanout stream may drop
+        its own oldest items for it, as it would for its `size`; else the ticket to wait
+        with is kept in `_ticket`."""
+        budget = self._budget
+        self._ticket = None
+        if budget is None:
+            return True
+        while (ticket := budget.try_reserve(nbytes)) is not None:
+            items = self._items
+            if self.spec.mode == "queue" or not items:
+                self._ticket = ticket
+                return False
+            floor = min((c.cursor for c in self._consumers if c.policy == "block"), default=None)
+            if floor is not None and items[0][0] >= floor:
+                self._ticket = ticket
+                return False
+            self._evict(1)
         return True
 
     def _place(self, item: Any) -> Any:
@@ -231,6 +265,7 @@ class MemoryStream:
             and self._terminal is None
             and self._depth < self._size
             and self._bytes + item.nbytes <= self._max_bytes
+            and (self._budget is None or self._budget.try_reserve(item.nbytes) is None)
         ):
             seq = self._next_seq
             self._next_seq = seq + 1
@@ -266,14 +301,24 @@ class MemoryStream:
                 self._data_waiters.wake()
                 rest = self._place(item)
                 if rest is not None:
-                    return [rest, *items[i + 1 :]], self._space_waiters.add()
+                    return [rest, *items[i + 1 :]], self._room_future()
             self._data_waiters.wake()
             return [], None
+
+    def _room_future(self) -> asyncio.Future[None]:
+        """A future resolved when room may have been made (lock held): in this stream,
+        or in the relay-wide budget if that is what refused the item."""
+        fut = self._space_waiters.add()
+        if self._ticket is not None and self._budget is not None:
+            self._budget.watch(self._ticket, fut)
+        return fut
 
     def forget(self, fut: asyncio.Future[None]) -> None:
         """Drop a future `offer` returned (its waiter gave up)."""
         with self._lock:
             self._space_waiters.discard(fut)
+            if self._budget is not None:
+                self._budget.forget(fut)
 
     async def put_many(self, items: Sequence[Any]) -> None:
         """Add items in order, as many per lock round as fit, waiting while full."""
@@ -299,7 +344,16 @@ class MemoryStream:
                 self._wait_space(wait)
 
     def _wait_space(self, timeout: float) -> None:
-        """Wait (lock held) until a consumer takes something, or `timeout`."""
+        """Wait (lock held) until a consumer takes something, or `timeout`; or, if the
+        relay-wide budget refused the item, until another stream frees bytes."""
+        ticket, budget = self._ticket, self._budget
+        if ticket is not None and budget is not None:
+            self._lock.release()  # so that consumers can take from this stream meanwhile
+            try:
+                budget.wait(ticket, timeout)
+            finally:
+                self._lock.acquire()
+            return
         self._blocked += 1
         try:
             self._space.wait(timeout)
@@ -336,6 +390,8 @@ class MemoryStream:
                 )
             self._aborted = True
             self._items.clear()
+            if self._budget is not None:
+                self._budget.release(self._bytes)
             self._bytes = 0
             self._depth = 0
             self._wake_all()
@@ -439,6 +495,7 @@ class MemoryConsumer:
                     return s._terminal
                 out = []
                 taken = count = 0
+                freed = s._bytes
                 while items and count < max_items and taken < max_bytes:
                     seq, item, nbytes = items[0]
                     if type(item) is Block:
@@ -459,6 +516,8 @@ class MemoryConsumer:
                     taken += nbytes
                     count += n
                 s.consumed += count
+                if s._budget is not None:
+                    s._budget.release(freed - s._bytes)
             else:
                 if not items or self.cursor > items[-1][0]:
                     return s._terminal
@@ -515,10 +574,13 @@ class MemoryRegistry:
 
     Args:
         max_streams: most streams at once; creating more raises `RegistryError`.
+        max_memory: most payload bytes buffered over all streams together (producers
+            wait beyond it); `None`: no relay-wide bound.
     """
 
-    def __init__(self, max_streams: int = 1024) -> None:
+    def __init__(self, max_streams: int = 1024, max_memory: int | None = None) -> None:
         self.max_streams = max_streams
+        self.budget = MemoryBudget(max_memory) if max_memory is not None else None
         self._streams: dict[str, MemoryStream] = {}
         self._lock = threading.Lock()
 
@@ -535,7 +597,7 @@ class MemoryRegistry:
                 return existing, False
             if len(self._streams) >= self.max_streams:
                 raise RegistryError(f"too many streams (limit {self.max_streams})")
-            stream = MemoryStream(name, spec)
+            stream = MemoryStream(name, spec, self.budget)
             self._streams[name] = stream
             return stream, True
 

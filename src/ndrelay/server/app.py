@@ -147,8 +147,13 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
         return metrics_response(registry)
 
     @app.get("/streams", dependencies=auth, tags=["streams"])
-    async def list_streams() -> list[dict[str, Any]]:
-        """Info of every stream."""
+    async def list_streams(response: Response) -> list[dict[str, Any]]:
+        """Info of every stream. Headers `ndrelay-memory-bytes` and `ndrelay-memory-limit`:
+        the payload bytes buffered over all streams, and the bound on them."""
+        budget = registry.budget
+        if budget is not None:
+            response.headers["ndrelay-memory-bytes"] = str(budget.used)
+            response.headers["ndrelay-memory-limit"] = str(budget.limit)
         return [s.info() for s in registry.streams()]
 
     @app.put("/streams/{name}", dependencies=auth, tags=["streams"], status_code=201)

@@ -33,6 +33,20 @@ class _StreamCollector:
     def collect(self) -> Iterator[Metric]:
         infos = [s.info() for s in self.registry.streams()]
         yield _family(GaugeMetricFamily, "ndrelay_streams", "Streams in the registry", [len(infos)])
+        budget = self.registry.budget
+        if budget is not None:
+            yield _family(
+                GaugeMetricFamily,
+                "ndrelay_memory_bytes",
+                "Payload bytes buffered over all streams",
+                [budget.used],
+            )
+            yield _family(
+                GaugeMetricFamily,
+                "ndrelay_memory_limit_bytes",
+                "The bound on payload bytes buffered over all streams (--max-memory)",
+                [budget.limit],
+            )
         for key, doc in _COUNTERS.items():
             family = CounterMetricFamily(f"ndrelay_stream_{key}", doc, labels=["stream", "mode"])
             for info in infos:

@@ -15,6 +15,7 @@ import numpy as np
 from .._codec import DEFAULT_MAX_FRAME_SIZE
 from .._exceptions import StreamClosed
 from .._frames import EndFrame, ErrorFrame
+from .._sizes import default_max_memory, parse_size
 from ..registry import Block, MemoryRegistry, Registry, Stream, StreamSpec
 
 __all__ = ["Relay", "Settings", "check_origin"]
@@ -49,6 +50,13 @@ def check_origin(origin: str) -> str:
     )
 
 
+def _env_size(name: str) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default_max_memory()
+    return parse_size(value, name)
+
+
 @dataclass
 class Settings:
     """Server settings; `Settings.from_env()` reads the `NDRELAY_*` environment.
@@ -57,6 +65,9 @@ class Settings:
         token: if set, every endpoint but `/healthz` wants `Authorization: Bearer <token>`.
         max_frame_bytes: largest frame accepted in an upload (413 beyond).
         max_streams: most streams at once.
+        max_memory: most payload bytes buffered over all streams together; a producer
+            that would pass it waits, as on a full stream (default: half the memory the
+            process may use: its cgroup limit inside a container, else physical memory).
         heartbeat_interval: seconds of silence before a consumer gets a heartbeat frame.
         upload_drain_seconds: after refusing an upload, how long to keep reading (and
             discarding) its body so the client can read the error instead of a reset.
@@ -67,6 +78,7 @@ class Settings:
     token: str | None = None
     max_frame_bytes: int = DEFAULT_MAX_FRAME_SIZE
     max_streams: int = 1024
+    max_memory: int = field(default_factory=default_max_memory)
     heartbeat_interval: float = 15.0
     upload_drain_seconds: float = 10.0
     cors_origins: list[str] = field(default_factory=list)
@@ -77,6 +89,7 @@ class Settings:
             token=os.environ.get("NDRELAY_TOKEN") or None,
             max_frame_bytes=_env_int("NDRELAY_MAX_FRAME_BYTES", DEFAULT_MAX_FRAME_SIZE),
             max_streams=_env_int("NDRELAY_MAX_STREAMS", 1024),
+            max_memory=_env_size("NDRELAY_MAX_MEMORY"),
             heartbeat_interval=float(os.environ.get("NDRELAY_HEARTBEAT", "15") or 15),
             cors_origins=_env_list("NDRELAY_CORS_ORIGINS"),
         )
@@ -99,7 +112,9 @@ class Relay:
     def __init__(self, registry: Registry | None = None, settings: Settings | None = None) -> None:
         self.settings = settings if settings is not None else Settings.from_env()
         self.registry: Registry = (
-            registry if registry is not None else MemoryRegistry(self.settings.max_streams)
+            registry
+            if registry is not None
+            else MemoryRegistry(self.settings.max_streams, self.settings.max_memory)
         )
         self._threads: list[threading.Thread] = []
         self._closed = False

@@ -118,7 +118,7 @@ class _BaseClient:
         if not isinstance(body, dict):
             body = {"message": str(body)[:500]}
         message = str(body.get("message") or body.get("detail") or body)
-        if body.get("error") == "upload refused":
+        if body.get("error") in ("UploadRefused", "upload refused"):
             return UploadRefused(
                 f"{message} (accepted {body.get('accepted')} frames before it)",
                 status=status,

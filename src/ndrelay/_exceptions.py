@@ -12,10 +12,11 @@ NDRelayError
 │  └─ StreamInterrupted      the response ended before an `end` or `error` frame
 ├─ StreamError
 │  ├─ StreamNotFound         404
-│  ├─ StreamClosed           409: upload to a finished stream
+│  ├─ StreamClosed           409: upload to a finished stream; a stream deleted or shut down
 │  ├─ StreamConflict         409: create with a different definition
 │  ├─ SchemaMismatch         422: dtype/shape against the stream's declared schema
 │  ├─ RemoteError            an `error` frame arrived; also subclasses the matching builtin
+│  │                         (a relay-origin one: the ndrelay class it names, e.g. StreamClosed)
 │  └─ UploadRefused          the relay refused a frame of an upload (.frame_index, .accepted)
 ├─ RelayHTTPError            any other refusal by the relay (.status, .body)
 ├─ AuthError                 401
@@ -223,6 +224,10 @@ class RemoteError(StreamError):
     builtin exception the remote type names, so `except ValueError:` still catches a
     producer's `ValueError`.
 
+    Built for an error of the relay itself (`origin == "relay"`: the stream was
+    deleted, the server is shutting down), it is also an instance of the ndrelay class
+    the frame names, so `except StreamClosed:` catches a deleted stream.
+
     Attributes:
         remote_type: the remote exception's type name, e.g. `"ValueError"`.
         remote_message: its message.
@@ -249,8 +254,9 @@ class RemoteError(StreamError):
         seq: int | None = None,
         stream_name: str | None = None,
     ) -> RemoteError:
-        """Build the exception for an `error` frame, mixing in the matching builtin."""
-        exc_cls = _remote_class(type)
+        """Build the exception for an `error` frame, mixing in the matching builtin, or,
+        for an error of the relay itself, the ndrelay class it names (`StreamClosed`)."""
+        exc_cls = _relay_class(type) if origin == "relay" else _remote_class(type)
         try:
             exc = exc_cls.__new__(exc_cls)
         except TypeError:  # a builtin whose __new__ wants arguments
@@ -312,4 +318,27 @@ def _remote_class(type_name: str) -> type[RemoteError]:
             result = RemoteError
     if builtin is not None:  # names come from the network: cache only the finite builtins
         _remote_classes[type_name] = result
+    return result
+
+
+#: ndrelay classes a relay-origin `error` frame may name (the leaves that carry no
+#: attributes beyond `stream_name`).
+_RELAY_CLASSES: dict[str, type[NDRelayError]] = {
+    cls.__name__: cls
+    for cls in (StreamNotFound, StreamClosed, StreamConflict, SchemaMismatch, RegistryError)
+}
+_relay_classes: dict[str, type[RemoteError]] = {}
+
+
+def _relay_class(type_name: str) -> type[RemoteError]:
+    """A cached subclass of `RemoteError` and the ndrelay class `type_name` names, for
+    the relay's own errors; `RemoteError` for any other name."""
+    cached = _relay_classes.get(type_name)
+    if cached is not None:
+        return cached
+    base = _RELAY_CLASSES.get(type_name)
+    if base is None:
+        return RemoteError
+    result: type[RemoteError] = type(f"Remote{type_name}", (RemoteError, base), {})
+    _relay_classes[type_name] = result
     return result

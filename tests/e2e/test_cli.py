@@ -12,7 +12,7 @@ import pytest
 from _sources import ServeProcess, bounded, clean_env, free_port, ndrelay_cmd, wait_until
 
 import ndrelay
-from ndrelay import AuthError, RelayClient, RemoteError
+from ndrelay import AuthError, RelayClient, RemoteError, StreamClosed
 
 pytestmark = pytest.mark.e2e
 
@@ -150,6 +150,7 @@ def test_shutdown_signal_fails_open_consumers_with_a_relay_error_and_exits_0(ser
     for name in streams:
         err = outcome[name]
         assert isinstance(err, RemoteError), (name, err)
+        assert isinstance(err, StreamClosed), (name, err)  # `except StreamClosed:` catches it
         assert err.origin == "relay"
         assert "shutting down" in err.remote_message
 

@@ -20,13 +20,13 @@ from .._codec import (
 )
 from .._exceptions import (
     AuthError,
-    NDRelayError,
     StreamClosed,
 )
 from .._frames import DataFrame
 from .._version import __version__
 from ..registry import POLICIES, Registry, Stream, StreamSpec, check_name
 from .consume import FrameStreamResponse
+from .errors import install_error_handlers
 from .formats import FORMATS, ndjson_line
 from .metrics import metrics_response
 from .relay import Relay, Settings, check_origin
@@ -126,15 +126,7 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
 
     auth = [Depends(check_token)]
 
-    @app.exception_handler(NDRelayError)
-    async def ndrelay_error(request: Request, exc: NDRelayError) -> JSONResponse:
-        status = getattr(exc, "status_hint", 400)
-        headers = {"www-authenticate": "Bearer"} if status == 401 else None
-        return JSONResponse(_error_body(exc), status_code=status, headers=headers)
-
-    @app.exception_handler(ValueError)
-    async def value_error(request: Request, exc: ValueError) -> JSONResponse:
-        return JSONResponse({"error": "ValueError", "message": str(exc)}, status_code=422)
+    install_error_handlers(app)
 
     @app.get("/healthz", tags=["service"])
     async def healthz() -> dict[str, str]:
@@ -227,16 +219,6 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
         return UploadResponse(stream, the_relay.settings)
 
     return app
-
-
-def _error_body(exc: BaseException, **extra: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"error": type(exc).__name__, "message": str(exc)}
-    for attr in ("frame_index", "key", "stream_name"):
-        value = getattr(exc, attr, None)
-        if value is not None:
-            body[attr] = value
-    body.update(extra)
-    return body
 
 
 def _format_from_accept(accept: str) -> str:

@@ -14,6 +14,7 @@ from .._codec import FrameDecoder
 from .._exceptions import NDRelayError, ProtocolError, StreamClosed
 from .._frames import DataFrame, EndFrame, ErrorFrame
 from ..registry import Block, Stream
+from .errors import error_body
 from .relay import Settings
 
 __all__ = ["UploadResponse"]
@@ -153,16 +154,16 @@ class UploadResponse(Response):
         more: bool,
         key: str | None = None,
     ) -> None:
-        body: dict[str, Any] = {
-            "error": "upload refused",
-            "message": f"frame {index}: {reason}" if index is not None else reason,
-            "frame_index": index,
-            "reason": reason,
-            "accepted": accepted,
-            "next_seq": self.stream.info()["produced"],
-        }
-        if key is not None:
-            body["key"] = key
+        body = error_body(
+            "UploadRefused",
+            f"frame {index}: {reason}" if index is not None else reason,
+            stream_name=self.stream.name,
+            frame_index=index,
+            key=key,
+            reason=reason,
+            accepted=accepted,
+            next_seq=self.stream.info()["produced"],
+        )
         log.info("upload to %r refused: %s", self.stream.name, body["message"])
         await send(
             {

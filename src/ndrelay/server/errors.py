@@ -1,0 +1,109 @@
+"""Error answers: one JSON shape for every error the server sends, validation included.
+
+```json
+{"error": "StreamNotFound", "message": "no stream named 'radar'", "stream_name": "radar"}
+```
+
+`error` is a stable, machine-readable name (an ndrelay exception class such as
+`StreamNotFound`, `ValidationError` for bad parameters or bodies, `UploadRefused` for a
+refused upload frame, or the HTTP status phrase in CamelCase, such as `NotFound` for an
+unknown path); `message` is one line for a human. Some errors add context keys:
+`stream_name`, `frame_index`, `key`, `reason`, `accepted`, `next_seq` (uploads) and
+`errors` (validation: one `{loc, msg, type}` per problem).
+"""
+
+from __future__ import annotations
+
+import http
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .._exceptions import NDRelayError
+
+__all__ = ["ErrorBody", "error_body", "install_error_handlers"]
+
+log = logging.getLogger("ndrelay")
+
+#: Context attributes of ndrelay exceptions that go into the body when set.
+_CONTEXT = ("frame_index", "key", "stream_name")
+
+
+class ErrorBody(BaseModel):
+    """The body of every error answer (`application/json`)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    error: str
+    message: str
+
+
+def error_body(error: str, message: str, **context: Any) -> dict[str, Any]:
+    """An error answer's body: `error`, `message`, then the context keys that are set."""
+    body: dict[str, Any] = {"error": error, "message": message}
+    body.update({key: value for key, value in context.items() if value is not None})
+    return body
+
+
+def _exception_body(exc: BaseException) -> dict[str, Any]:
+    context = {attr: getattr(exc, attr, None) for attr in _CONTEXT}
+    return error_body(type(exc).__name__, str(exc), **context)
+
+
+def _where(loc: tuple[Any, ...] | list[Any]) -> str:
+    """Where a validation error is: `("query", "batch")` -> "query parameter 'batch'"."""
+    place, *rest = [str(part) for part in loc] or ["request"]
+    field = ".".join(rest)
+    if place in ("query", "path", "header", "cookie"):
+        return f"{place} parameter {field!r}" if field else place
+    if place == "body":
+        return f"body field {field!r}" if field else "body"
+    return ".".join([place, *rest])
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Answer every error of `app` with an `ErrorBody`."""
+
+    @app.exception_handler(NDRelayError)
+    async def ndrelay_error(request: Request, exc: NDRelayError) -> JSONResponse:
+        status = getattr(exc, "status_hint", 400)
+        headers = {"www-authenticate": "Bearer"} if status == 401 else None
+        return JSONResponse(_exception_body(exc), status_code=status, headers=headers)
+
+    @app.exception_handler(ValueError)
+    async def value_error(request: Request, exc: ValueError) -> JSONResponse:
+        return JSONResponse(_exception_body(exc), status_code=422)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": e.get("type")}
+            for e in exc.errors()
+        ]
+        message = "; ".join(f"{_where(e['loc'])}: {e['msg']}" for e in errors) or "invalid request"
+        body = error_body("ValidationError", message, errors=errors)
+        return JSONResponse(body, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        try:
+            phrase = http.HTTPStatus(exc.status_code).phrase
+        except ValueError:
+            phrase = "Error"
+        name = "".join(word[:1].upper() + word[1:] for word in phrase.replace("-", " ").split())
+        detail = exc.detail if isinstance(exc.detail, str) else phrase
+        message = f"{detail}: {request.method} {request.url.path}"
+        return JSONResponse(
+            error_body(name, message), status_code=exc.status_code, headers=exc.headers
+        )
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette logs the traceback after this answer; the client gets no internals.
+        body = error_body("InternalError", f"internal server error ({type(exc).__name__})")
+        return JSONResponse(body, status_code=500)

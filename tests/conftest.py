@@ -13,7 +13,7 @@ import pytest
 import uvicorn
 
 from ndrelay import Relay, create_app
-from ndrelay.server import Settings
+from ndrelay.server import Settings, uvicorn_config
 
 
 def need(program: str) -> str:
@@ -36,7 +36,8 @@ class ServerHandle:
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        cfg = uvicorn.Config(
+        # as `ndrelay serve` runs it: uvicorn with ndrelay's vectored-write protocol
+        cfg = uvicorn_config(
             create_app(relay), log_level="warning", timeout_graceful_shutdown=5, **config
         )
         self.server = uvicorn.Server(cfg)

@@ -76,6 +76,8 @@ def _items(q: Any, go: Any, w: Workload, duration: float, limit: int | None, rol
 def _serve(q: Any, role: str, app: Any) -> None:
     import uvicorn
 
+    from ndrelay.server import uvicorn_config
+
     # proto=IPPROTO_TCP, as asyncio's create_server(host, port) makes it (what `ndrelay
     # serve` does): asyncio sets TCP_NODELAY on accepted connections only when the
     # listening socket says IPPROTO_TCP. A plain socket.socket() (proto 0) leaves Nagle on
@@ -84,7 +86,8 @@ def _serve(q: Any, role: str, app: Any) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    # uvicorn as `ndrelay serve` configures it (its vectored-write protocol class)
+    server = uvicorn.Server(uvicorn_config(app, log_level="warning", lifespan="on"))
     q.put({"role": role, "ready": True, "port": port})
     server.run(sockets=[sock])
 

@@ -140,10 +140,8 @@ def serve(
     log_level: str,
 ) -> None:
     """Run the relay server (one worker: streams live in this process's memory)."""
-    import uvicorn
-
     from .._sizes import format_size
-    from ..server import Relay, Settings, create_app
+    from ..server import Relay, Settings, create_app, uvicorn_config
     from ..server.relay import check_origin
     from .demo import demo_count, demo_radar
 
@@ -174,7 +172,7 @@ def serve(
         _load_source(spec)(relay)
     app = create_app(relay)
     where: dict[str, Any] = {"uds": uds} if uds else {"host": host, "port": port}
-    config = uvicorn.Config(
+    config = uvicorn_config(
         app,
         workers=1,
         log_level=log_level,

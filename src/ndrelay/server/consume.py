@@ -13,6 +13,7 @@ from .._codec import encode_batch, encode_data_parts, encode_frame, encode_items
 from .._frames import DataFrame, Frame, HeartbeatFrame
 from ..registry import Block, Consumer, Stream
 from .formats import FORMATS, ndjson_line, sse_event
+from .protocol import EXTENSION
 from .relay import Settings
 
 __all__ = ["FrameStreamResponse"]
@@ -110,6 +111,9 @@ class FrameStreamResponse(Response):
         self.raw_headers = [(b"content-type", FORMATS[fmt].encode()), *_STREAM_HEADERS]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # `VectoredHttpProtocol` (how `ndrelay serve` runs uvicorn) writes the body
+        # from the arrays' memory; under another server, uvicorn's `send` does.
+        self._vectored = scope.get("extensions", {}).get(EXTENSION)
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             pump = asyncio.ensure_future(self._pump(send))
@@ -161,6 +165,12 @@ class FrameStreamResponse(Response):
         else:
             buffers = encode_items(_rows(frames))
         buffers = _coalesce(buffers)
+        if self._vectored is not None:
+            if buffers:
+                await self._vectored(buffers)
+            if last:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
         for i, body in enumerate(buffers):
             more = not last or i < len(buffers) - 1
             await send({"type": "http.response.body", "body": body, "more_body": more})

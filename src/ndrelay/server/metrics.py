@@ -10,6 +10,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ..registry import Registry
+from .protocol import vectored_bytes
 
 __all__ = ["metrics_response"]
 
@@ -65,6 +66,12 @@ class _StreamCollector:
         for info in infos:
             state.add_metric([info["name"]], 1 if info["state"] == "open" else 0)
         yield state
+        yield _family(
+            CounterMetricFamily,
+            "ndrelay_vectored_write_bytes",
+            "Response body bytes written straight from array memory (vectored writes)",
+            [vectored_bytes()],
+        )
 
 
 def _family(cls: type, name: str, doc: str, values: list[float]) -> Metric:

@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterable
 from types import TracebackType
 from typing import Any, Self
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 import httpx
 import numpy as np
@@ -50,7 +50,13 @@ from ._frames import EndFrame, ErrorFrame
 from ._http import Endpoint, HTTPResponse, open_request, read_response
 from ._stream import StreamState
 
-__all__ = ["AsyncRelayClient", "AsyncRemoteStream", "RelayClient", "RemoteStream"]
+__all__ = [
+    "AsyncRelayClient",
+    "AsyncRemoteStream",
+    "RelayClient",
+    "RemoteStream",
+    "relay_url",
+]
 
 #: Upload chunks gather small frames up to about this many bytes.
 _UPLOAD_CHUNK = 256 * 1024
@@ -81,7 +87,7 @@ class _BaseClient:
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         verify: Any = True,
     ) -> None:
-        self.url = url.rstrip("/")
+        self.url = relay_url(url)
         self.token = token
         self.timeout = timeout
         self.read_timeout = read_timeout
@@ -146,6 +152,28 @@ class _BaseClient:
                 body = response.text
             raise self._error(response.status_code, body, str(response.url), name)
         return response
+
+
+def relay_url(url: str) -> str:
+    """`url` without a trailing `/`; `http://` is assumed when it names no scheme
+    (`localhost:8000`, `rig:8000`), as curl does.
+
+    Raises:
+        ValueError: not an http://, https:// or unix:// URL with a host (or path).
+    """
+    if not isinstance(url, str):
+        raise TypeError(f"the relay URL must be a str, got {type(url).__name__}")
+    given = url
+    url = url.strip()
+    if "://" not in url:
+        url = "http://" + url
+    url = url.rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https", "unix") or not (parts.hostname or parts.path):
+        raise ValueError(
+            f"relay URL must be http:// or https:// with a host, or unix:///path, got {given!r}"
+        )
+    return url
 
 
 def _translate(exc: httpx.HTTPError, url: str) -> NDRelayError:

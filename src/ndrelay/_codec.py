@@ -40,6 +40,7 @@ __all__ = [
     "MEDIA_TYPE",
     "FrameDecoder",
     "check_dtype",
+    "parse_dtype",
     "encode_batch",
     "encode_data_parts",
     "encode_frame",
@@ -90,7 +91,7 @@ def check_dtype(dtype: Any) -> np.dtype[Any]:
         if cached is not None:
             return cached
         if not _DTYPE_RE.fullmatch(dtype):
-            raise ValueError(f"unsupported dtype {dtype!r}")
+            raise ValueError(f"unsupported dtype {dtype!r}{_canonical_hint(dtype)}")
         try:
             dt = np.dtype(dtype)
         except Exception as exc:
@@ -101,6 +102,39 @@ def check_dtype(dtype: Any) -> np.dtype[Any]:
         raise ValueError(f"unsupported dtype {dt.str!r} (kind {dt.kind!r})")
     if isinstance(dtype, str) and len(_dtype_cache) < 1024:
         _dtype_cache[dtype] = dt
+    return dt
+
+
+def _canonical_hint(name: str) -> str:
+    """For a frame's dtype written as a name numpy knows: how the wire writes it."""
+    try:
+        dt = np.dtype(name)
+    except Exception:
+        return ""
+    if dt.kind not in _DTYPE_KINDS or dt.fields is not None:
+        return ""
+    return f" (a frame's dtype is numpy's dtype.str: {dt.str!r})"
+
+
+def parse_dtype(dtype: Any) -> np.dtype[Any]:
+    """The dtype named by any name numpy accepts (`"float32"`, `"f4"`, `"<f4"`,
+    `np.float32`), if the wire format can carry it, else a `ValueError` saying why.
+
+    Where people name dtypes (stream definitions, the CLI); frames on the wire carry
+    the canonical `dtype.str` and go through the stricter `check_dtype`.
+    """
+    if isinstance(dtype, str):
+        try:
+            dt = np.dtype(dtype)
+        except Exception as exc:
+            raise ValueError(f"unknown dtype {dtype!r}: {exc}") from None
+    else:
+        dt = np.dtype(dtype)
+    if dt.kind not in _DTYPE_KINDS or dt.itemsize == 0 or dt.fields is not None:
+        raise ValueError(
+            f"unsupported dtype {dtype!r} ({dt.str}): only numbers, booleans, datetimes "
+            "and fixed-size strings travel (never objects or structured records)"
+        )
     return dt
 
 

@@ -26,3 +26,16 @@ def main() -> None:
 main.add_command(serve)
 main.add_command(produce)
 main.add_command(consume)
+
+
+def _show_envvars(group: click.Group) -> None:
+    """`--help` names the environment variable of every option that reads one."""
+    for command in group.commands.values():
+        for param in command.params:
+            if isinstance(param, click.Option) and param.envvar:
+                param.show_envvar = True
+        if isinstance(command, click.Group):
+            _show_envvars(command)
+
+
+_show_envvars(main)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import os
 import sys
 from typing import Any
 
@@ -16,21 +17,37 @@ __all__ = ["serve"]
 
 
 def _load_source(spec: str) -> Any:
+    """The function `spec` (`module:function`) names. Its module is looked for in the
+    current directory first, then on `sys.path`, as `uvicorn module:app` does."""
     module_name, _, func_name = spec.partition(":")
     if not module_name or not func_name:
         raise click.BadParameter(
             f"{spec!r} is not of the form module:function", param_hint="--source"
         )
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
+        if exc.name is not None and module_name.startswith(exc.name):
+            # the module itself is missing (not something it imports): say where we looked
+            looked = "\n  ".join(p or cwd for p in sys.path)
+            raise click.BadParameter(
+                f"cannot import {module_name!r}: no {exc.name.replace('.', '/')}.py or "
+                f"package {exc.name!r} in the current directory ({cwd}) or on the Python "
+                f"path; looked in:\n  {looked}",
+                param_hint="--source",
+            ) from None
         raise click.BadParameter(
-            f"cannot import {module_name!r}: {exc}", param_hint="--source"
+            f"cannot import {module_name!r}: {type(exc).__name__}: {exc}", param_hint="--source"
         ) from None
     func = getattr(module, func_name, None)
     if not callable(func):
         raise click.BadParameter(
-            f"{module_name!r} has no function {func_name!r}", param_hint="--source"
+            f"{module_name!r} ({getattr(module, '__file__', None) or module_name}) has no "
+            f"function {func_name!r}",
+            param_hint="--source",
         )
     return func
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from ._errors import relay_errors
+from ._errors import TOKEN_HELP, relay_errors, relay_url
 
 __all__ = ["consume", "produce"]
 
@@ -20,26 +20,45 @@ def _shape(text: str) -> tuple[int, ...]:
         raise click.BadParameter(f"{text!r} is not a comma-separated list of integers") from None
 
 
+def _dtype(ctx: click.Context, param: click.Parameter, value: str) -> Any:
+    from .._codec import parse_dtype
+
+    try:
+        return parse_dtype(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @click.command()
-@click.argument("url", envvar="NDRELAY_URL")
+@click.argument("url", envvar="NDRELAY_URL", callback=relay_url)
 @click.argument("stream")
 @click.option(
     "--rate", default=10.0, show_default=True, help="Frames per second (0: as fast as possible)."
 )
 @click.option("--shape", default="64,128", show_default=True, help="Array shape, comma-separated.")
-@click.option("--dtype", default="<f4", show_default=True, help="numpy dtype.")
+@click.option(
+    "--dtype",
+    default="float32",
+    show_default=True,
+    callback=_dtype,
+    help="numpy dtype: any name numpy knows (float32, <f4, uint8).",
+)
 @click.option(
     "--count",
     type=int,
     default=None,
     help="Frames to send, then end the stream [default: endless].",
 )
-@click.option("--token", envvar="NDRELAY_TOKEN")
+@click.option("--token", envvar="NDRELAY_TOKEN", help=TOKEN_HELP)
 @relay_errors
 def produce(
-    url: str, stream: str, rate: float, shape: str, dtype: str, count: int | None, token: str | None
+    url: str, stream: str, rate: float, shape: str, dtype: Any, count: int | None, token: str | None
 ) -> None:
-    """Publish synthetic frames to STREAM on the relay at URL."""
+    """Publish synthetic frames to STREAM on the relay at URL.
+
+    URL: `localhost:8000` (http:// is assumed), `https://rig:8443` or `unix:///PATH`;
+    default: the NDRELAY_URL environment variable.
+    """
     import numpy as np
 
     from .._client import RelayClient
@@ -59,7 +78,7 @@ def produce(
 
     with RelayClient(url, token=token) as client:
         click.echo(
-            f"producing {'endless' if count is None else count} frames {dims} {dtype} "
+            f"producing {'endless' if count is None else count} frames {dims} {dtype.str} "
             f"at {rate} Hz to {stream}",
             err=True,
         )
@@ -68,19 +87,23 @@ def produce(
 
 
 @click.command()
-@click.argument("url", envvar="NDRELAY_URL")
+@click.argument("url", envvar="NDRELAY_URL", callback=relay_url)
 @click.argument("stream")
 @click.option(
     "--count", type=int, default=None, help="Stop after this many items [default: until the end]."
 )
 @click.option("--interval", default=1.0, show_default=True, help="Seconds between rate reports.")
 @click.option("--policy", default=None, help="Fanout streams: block, drop_oldest or latest.")
-@click.option("--token", envvar="NDRELAY_TOKEN")
+@click.option("--token", envvar="NDRELAY_TOKEN", help=TOKEN_HELP)
 @relay_errors
 def consume(
     url: str, stream: str, count: int | None, interval: float, policy: str | None, token: str | None
 ) -> None:
-    """Read STREAM from the relay at URL and report items/s and MB/s."""
+    """Read STREAM from the relay at URL and report items/s and MB/s.
+
+    URL: `localhost:8000` (http:// is assumed), `https://rig:8443` or `unix:///PATH`;
+    default: the NDRELAY_URL environment variable.
+    """
     from .._client import RelayClient
 
     with RelayClient(url, token=token) as client, client.stream(stream, policy=policy) as remote:

@@ -9,7 +9,7 @@ from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, Protocol
 
-from .._codec import check_dtype
+from .._codec import parse_dtype
 from .._frames import Frame
 from ._budget import MemoryBudget
 
@@ -49,7 +49,8 @@ class StreamSpec:
         size: most items the buffer holds (the producer waits beyond it).
         max_bytes: most payload bytes the buffer holds (at least one item always fits).
         mode: `"queue"` (each item to one consumer) or `"fanout"` (to every consumer).
-        dtype: if set, every array item must have this dtype (`dtype.str`, e.g. `"<f4"`).
+        dtype: if set, every array item must have this dtype: any name numpy accepts
+            (`"float32"`, `"<f4"`, `np.float32`), kept as the canonical `dtype.str`.
         shape: if set, every array item must have this shape. Bytes items are not checked.
     """
 
@@ -67,7 +68,7 @@ class StreamSpec:
         if self.mode not in ("queue", "fanout"):
             raise ValueError(f"mode must be 'queue' or 'fanout', got {self.mode!r}")
         if self.dtype is not None:
-            object.__setattr__(self, "dtype", check_dtype(self.dtype).str)
+            object.__setattr__(self, "dtype", parse_dtype(self.dtype).str)
         if self.shape is not None:
             shape = tuple(self.shape)
             if len(shape) > 32 or not all(type(n) is int and n >= 0 for n in shape):

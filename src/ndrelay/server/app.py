@@ -73,7 +73,12 @@ class CreateStream(BaseModel):
     size: int = Field(64, ge=1, le=1_000_000, description="most items buffered")
     max_bytes: int | None = Field(None, ge=1, description="most payload bytes buffered")
     mode: Literal["queue", "fanout"] = "queue"
-    dtype: str | None = Field(None, description="numpy dtype.str every array must have")
+    dtype: str | None = Field(
+        None,
+        description="dtype every array must have: any numpy name (`float32`, `<f4`); "
+        "answered as the canonical dtype.str",
+        examples=["float32", "<f4", "uint8"],
+    )
     shape: list[int] | None = Field(None, description="shape every array must have")
 
 

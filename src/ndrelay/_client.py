@@ -203,8 +203,12 @@ def _spec(size: int, mode: str, max_bytes: int | None, dtype: Any, shape: Any) -
 class _UnitQueue:
     """Bounded hand-over from a reader thread: units, then a sticky terminal.
 
-    A `ReadableQueue`: `get()` gives units, then `None` (end) or an `ExceptionSentinel`,
-    again on every later call, so any number of readers all see the end.
+    A `ReadableQueue`: `get()` gives units, then `None` at the end, again on every later
+    call, so any number of readers all see the end. On an error, `get()` raises it
+    (every later call too) rather than returning an `ExceptionSentinel`: a `Buffer` of
+    any library, which knows only its own sentinel class, still raises it
+    (roverd's `Channel.consume` wraps queues in roverd's own `Buffer`). `sentinels`
+    is a view that gives ndrelay's `ExceptionSentinel` instead, for code that wants it.
     """
 
     def __init__(self, maxsize: int) -> None:
@@ -245,6 +249,19 @@ class _UnitQueue:
             self._cond.notify_all()
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        """The next unit; `None` at the end; raises the stream's error (the producer's
+        exception as a `RemoteError`, or `StreamInterrupted`) after the units before it."""
+        unit = self._get(block, timeout)
+        if isinstance(unit, ExceptionSentinel):
+            raise unit.exception
+        return unit
+
+    @property
+    def sentinels(self) -> _SentinelView:
+        """This queue with an error given as an `ExceptionSentinel`, not raised."""
+        return _SentinelView(self)
+
+    def _get(self, block: bool = True, timeout: float | None = None) -> Any:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while True:
@@ -281,6 +298,26 @@ class _UnitQueue:
 
     def qsize(self) -> int:
         return len(self._units)
+
+
+class _SentinelView:
+    """A `_UnitQueue` read the seed's way: its error as an `ExceptionSentinel`."""
+
+    def __init__(self, units: _UnitQueue) -> None:
+        self._units = units
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        """The next unit; `None` at the end; an `ExceptionSentinel` on an error."""
+        return self._units._get(block, timeout)
+
+    def get_nowait(self) -> Any:
+        return self._units._get(block=False)
+
+    def empty(self) -> bool:
+        return self._units.empty()
+
+    def qsize(self) -> int:
+        return self._units.qsize()
 
 
 class RemoteStream(Buffer[Any]):

@@ -333,6 +333,7 @@ def encode_frame(frame: Frame) -> bytes:
                 "type": _utf8_safe(frame.type, "type"),
                 "message": _utf8_safe(frame.message, "message"),
                 "traceback": _utf8_safe(frame.traceback, "traceback"),
+                **({"bases": [_utf8_safe(b, "bases") for b in frame.bases]} if frame.bases else {}),
             }
         )
     if isinstance(frame, HeartbeatFrame):
@@ -371,6 +372,17 @@ def _field(d: dict[str, Any], key: str, types: type | tuple[type, ...], index: i
             f"ill-typed value {type(value).__name__}", frame_index=index, key=key
         )
     return value
+
+
+def _bases(d: dict[str, Any], index: int) -> tuple[str, ...]:
+    bases = _field(d, "bases", list, index)
+    if not all(type(b) is str and len(b) <= 64 for b in bases):
+        raise RemoteProtocolError(
+            "bases must be a list of exception class names (strings of at most 64 characters)",
+            frame_index=index,
+            key="bases",
+        )
+    return tuple(bases)
 
 
 def _seq(d: dict[str, Any], index: int) -> int:
@@ -833,6 +845,7 @@ class FrameDecoder:
                 type=_field(obj, "type", str, index),
                 message=_field(obj, "message", str, index),
                 traceback=_field(obj, "traceback", str, index) if "traceback" in obj else "",
+                bases=_bases(obj, index) if "bases" in obj else None,
             )
         if "kind" not in obj:
             raise RemoteProtocolError("missing key", frame_index=index, key="kind")

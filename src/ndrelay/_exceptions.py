@@ -222,7 +222,8 @@ class RemoteError(StreamError):
 
     Built with `RemoteError.from_frame(...)`, the instance is also an instance of the
     builtin exception the remote type names, so `except ValueError:` still catches a
-    producer's `ValueError`.
+    producer's `ValueError`; for a type of the producer's own (`class
+    SensorError(ValueError)`), of the builtins the frame's `bases` name.
 
     Built for an error of the relay itself (`origin == "relay"`: the stream was
     deleted, the server is shutting down), it is also an instance of the ndrelay class
@@ -232,6 +233,8 @@ class RemoteError(StreamError):
         remote_type: the remote exception's type name, e.g. `"ValueError"`.
         remote_message: its message.
         remote_traceback: its formatted traceback text (may be empty).
+        remote_bases: the builtin classes the remote type derives from, if it is not
+            a builtin itself (else `()`).
         origin: `"producer"` (the producer's iterator raised) or `"relay"`
             (the stream was deleted, the server is shutting down, ...).
         seq: the stream position at which it failed.
@@ -240,6 +243,7 @@ class RemoteError(StreamError):
     remote_type: str
     remote_message: str
     remote_traceback: str
+    remote_bases: tuple[str, ...]
     origin: str
     seq: int | None
 
@@ -253,10 +257,14 @@ class RemoteError(StreamError):
         origin: str = "producer",
         seq: int | None = None,
         stream_name: str | None = None,
+        bases: tuple[str, ...] = (),
     ) -> RemoteError:
-        """Build the exception for an `error` frame, mixing in the matching builtin, or,
-        for an error of the relay itself, the ndrelay class it names (`StreamClosed`)."""
+        """Build the exception for an `error` frame, mixing in the matching builtin (the
+        one `type` names, else the nearest builtins of `bases`), or, for an error of the
+        relay itself, the ndrelay class it names (`StreamClosed`)."""
         exc_cls = _relay_class(type) if origin == "relay" else _remote_class(type)
+        if exc_cls is RemoteError and bases and origin != "relay":
+            exc_cls = _remote_class_of_bases(bases)
         try:
             exc = exc_cls.__new__(exc_cls)
         except TypeError:  # a builtin whose __new__ wants arguments
@@ -271,6 +279,7 @@ class RemoteError(StreamError):
         exc.remote_type = type
         exc.remote_message = message
         exc.remote_traceback = traceback
+        exc.remote_bases = tuple(bases)
         exc.origin = origin
         exc.seq = seq
         return exc
@@ -297,6 +306,31 @@ _NOT_MIXED = {
     "StopIteration",
     "SystemExit",
 }
+
+
+def _remote_class_of_bases(bases: tuple[str, ...]) -> type[RemoteError]:
+    """`RemoteError` mixed with the builtins of `bases` that no other of them derives
+    from (`SensorError(ValueError, KeyError)` is caught by both); unknown names skipped."""
+    known = [b for b in bases[:32] if _remote_class(b) is not RemoteError]
+    if not known:
+        return RemoteError
+    classes = [getattr(builtins, b) for b in dict.fromkeys(known)]
+    leaves = tuple(c for c in classes if not any(o is not c and issubclass(o, c) for o in classes))
+    if len(leaves) == 1:
+        return _remote_class(leaves[0].__name__)
+    key = "+".join(c.__name__ for c in leaves)
+    cached = _remote_classes.get(key)
+    if cached is not None:
+        return cached
+    try:
+        result: type[RemoteError] = type(
+            f"Remote_{key.replace('+', '_')}", (RemoteError, *leaves), {}
+        )
+    except TypeError:  # incompatible layouts: the nearest builtin alone
+        result = _remote_class(leaves[0].__name__)
+    if len(_remote_classes) < 1024:  # combinations come from the network: bounded cache
+        _remote_classes[key] = result
+    return result
 
 
 def _remote_class(type_name: str) -> type[RemoteError]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -10,7 +11,7 @@ from ._exceptions import RemoteError
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["DataFrame", "EndFrame", "ErrorFrame", "Frame", "HeartbeatFrame"]
+__all__ = ["DataFrame", "EndFrame", "ErrorFrame", "Frame", "HeartbeatFrame", "builtin_bases"]
 
 
 @dataclass(slots=True)
@@ -57,6 +58,10 @@ class ErrorFrame(Frame):
         type: the exception's type name, e.g. `"ValueError"`.
         message: the exception's message.
         traceback: formatted traceback text, possibly empty.
+        bases: the builtin exception classes `type` derives from, nearest first, when
+            it is not a builtin itself (`("ValueError", "Exception", "BaseException")`
+            for `class SensorError(ValueError)`), so that the reader can still catch it
+            as a `ValueError`; else `None`.
     """
 
     seq: int
@@ -64,6 +69,7 @@ class ErrorFrame(Frame):
     type: str
     message: str
     traceback: str = ""
+    bases: tuple[str, ...] | None = None
 
     @classmethod
     def from_exception(
@@ -81,10 +87,16 @@ class ErrorFrame(Frame):
                 type=exc.remote_type,
                 message=exc.remote_message,
                 traceback=exc.remote_traceback,
+                bases=getattr(exc, "remote_bases", None) or None,
             )
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         return cls(
-            seq=seq, origin=origin, type=type(exc).__name__, message=str(exc), traceback=text
+            seq=seq,
+            origin=origin,
+            type=type(exc).__name__,
+            message=str(exc),
+            traceback=text,
+            bases=builtin_bases(type(exc)),
         )
 
     def to_exception(self, stream_name: str | None = None) -> RemoteError:
@@ -96,7 +108,21 @@ class ErrorFrame(Frame):
             origin=self.origin,
             seq=self.seq,
             stream_name=stream_name,
+            bases=self.bases or (),
         )
+
+
+def builtin_bases(cls: type[BaseException]) -> tuple[str, ...] | None:
+    """The names of the builtin exception classes `cls` derives from, nearest first;
+    `None` if `cls` is a builtin itself (its name says it all)."""
+    if getattr(builtins, cls.__name__, None) is cls:
+        return None
+    names = tuple(
+        base.__name__
+        for base in cls.__mro__[1:]
+        if issubclass(base, BaseException) and getattr(builtins, base.__name__, None) is base
+    )
+    return names[:32] or None
 
 
 @dataclass(slots=True)

@@ -524,9 +524,11 @@ def test_two_buffers_over_one_queue_both_end(client):
     assert list(b1) == [] and list(b2) == []
 
 
-def test_queue_gives_an_exception_sentinel_on_a_producer_error(server, client):
+def test_queue_sentinels_give_an_exception_sentinel_on_a_producer_error(server, client):
+    """`.queue.sentinels`: the seed's way, ndrelay's `ExceptionSentinel` as an item."""
     server.relay.publish("q", failing_lidar_source(KeyError("lidar disconnected")))
-    q = client.stream("q").queue
+    q = client.stream("q").queue.sentinels
+    assert isinstance(q, ReadableQueue)
 
     def until_terminal():
         units = []
@@ -544,3 +546,69 @@ def test_queue_gives_an_exception_sentinel_on_a_producer_error(server, client):
     assert isinstance(q.get(timeout=1), ExceptionSentinel)  # sticky too
     with pytest.raises(KeyError):
         next(Buffer(q))
+
+
+class CalibrationError(ValueError):
+    """A producer's own exception class, derived from a builtin."""
+
+
+def test_queue_raises_a_producer_error_in_the_seeds_own_buffer(server, client):
+    """roverd wraps any queue in *its own* `Buffer`, which knows only its own
+    `ExceptionSentinel`: the remote error must still raise there, as the builtin type,
+    after the items before it; and an end must end it."""
+    import _seed
+
+    assert _seed.ExceptionSentinel is not ExceptionSentinel
+    server.relay.publish("bad", failing_lidar_source(ValueError("lidar disconnected")))
+    q = client.stream("bad").queue
+    assert isinstance(q, ReadableQueue)
+    got = []
+
+    def read():
+        for item in _seed.Buffer(q):
+            got.append(int(item[0]))
+
+    with pytest.raises(ValueError, match="lidar disconnected") as info:
+        bounded(read)
+    assert isinstance(info.value, RemoteError) and got == [0, 1, 2]
+    with pytest.raises(ValueError):  # sticky: every later read raises it again
+        q.get(timeout=1)
+
+    server.relay.publish("good", (np.full(2, i) for i in range(3)))
+    assert [
+        int(a[0]) for a in bounded(lambda: list(_seed.Buffer(client.stream("good").queue)))
+    ] == [
+        0,
+        1,
+        2,
+    ]
+
+
+def test_seed_style_sentinel_check_still_raises(server, client):
+    """Code that reads `.queue` and checks for ndrelay's `ExceptionSentinel` to re-raise
+    it (the seed's own pattern) raises the same exception, from `get()`."""
+    server.relay.publish("q", failing_lidar_source(KeyError("gone")))
+    q = client.stream("q").queue
+
+    def seed_style():
+        while True:
+            item = q.get(timeout=20)
+            if isinstance(item, ExceptionSentinel):
+                raise item.exception
+            if item is None:
+                return
+
+    with pytest.raises(KeyError, match="gone"):
+        bounded(seed_style)
+
+
+def test_a_producers_own_exception_class_is_caught_as_its_builtin_base(server, client):
+    """`class CalibrationError(ValueError)`: the error frame carries its builtin bases, so
+    the consumer's `except ValueError` catches it; its own name stays in `remote_type`."""
+    server.relay.publish("s", failing_lidar_source(CalibrationError("lidar disconnected")))
+    with pytest.raises(ValueError, match="lidar disconnected") as info:
+        bounded(lambda: list(client.stream("s")))
+    exc = info.value
+    assert isinstance(exc, RemoteError)
+    assert exc.remote_type == "CalibrationError"
+    assert exc.remote_bases == ("ValueError", "Exception", "BaseException")

@@ -46,7 +46,7 @@ def test_a_deleted_stream_ends_a_queue_with_stream_closed(server):
         s = client.stream("doomed")
         assert wait_until(lambda: client.info("doomed")["consumers"] == 1)
         client.delete("doomed")
-        sentinel = bounded(lambda: s.queue.get(timeout=20))
+        sentinel = bounded(lambda: s.queue.sentinels.get(timeout=20))
         s.close()
     assert isinstance(sentinel, ExceptionSentinel)
     assert isinstance(sentinel.exception, StreamClosed)

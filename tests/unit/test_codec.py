@@ -593,6 +593,49 @@ def test_error_frame_traceback_is_optional() -> None:
     assert decode(raw) == [ErrorFrame(seq=1, origin="relay", type="X", message="m")]
 
 
+class _SensorError(ValueError):
+    pass
+
+
+def test_error_frame_carries_the_builtin_bases_of_a_users_exception_class() -> None:
+    frame = ErrorFrame.from_exception(_SensorError("lidar"), seq=3)
+    assert frame.type == "_SensorError"
+    assert frame.bases == ("ValueError", "Exception", "BaseException")
+    raw = encode_frame(frame)
+    assert msgpack.unpackb(raw)["bases"] == ["ValueError", "Exception", "BaseException"]
+    (back,) = decode(raw)
+    assert back == frame
+    exc = back.to_exception("s")
+    assert isinstance(exc, ValueError) and exc.remote_type == "_SensorError"
+    # a builtin's own name says it all: no bases
+    assert ErrorFrame.from_exception(KeyError("k"), seq=0).bases is None
+    assert "bases" not in msgpack.unpackb(
+        encode_frame(ErrorFrame.from_exception(KeyError(), seq=0))
+    )
+
+
+def test_unknown_bases_are_ignored_and_bad_bases_refused() -> None:
+    raw = pack(
+        {
+            "kind": "error",
+            "seq": 0,
+            "origin": "producer",
+            "type": "X",
+            "message": "m",
+            "bases": ["NoSuchBase", "LookupError"],
+        }
+    )
+    (frame,) = decode(raw)
+    exc = frame.to_exception()
+    assert isinstance(exc, LookupError) and not isinstance(exc, KeyError)
+    bad = pack(
+        {"kind": "error", "seq": 0, "origin": "producer", "type": "X", "message": "m", "bases": [1]}
+    )
+    with pytest.raises(RemoteProtocolError, match="bases") as info:
+        decode(bad)
+    assert info.value.key == "bases"
+
+
 # -- decoding: large frames, spill and zero-copy paths ----------------------------------------
 
 LARGE_SIZES = [SPILL_THRESHOLD - 1, SPILL_THRESHOLD, SPILL_THRESHOLD + 1, MiB, 10_000_000]

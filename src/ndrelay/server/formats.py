@@ -66,6 +66,7 @@ def frame_json(frame: Frame) -> dict[str, Any]:
             "type": frame.type,
             "message": frame.message,
             "traceback": frame.traceback,
+            **({"bases": list(frame.bases)} if frame.bases else {}),
         }
     if isinstance(frame, HeartbeatFrame):
         return {"kind": "heartbeat"}

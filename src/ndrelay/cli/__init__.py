@@ -1,7 +1,12 @@
 """The `ndrelay` command: a click group; each subcommand lives in its own module.
 
 - `serve`: the relay server (serve.py; demo streams in demo.py)
+- `ls`, `info`, `rm`, `cat`: look at a relay's streams (streams.py)
+- `record`, `play`, `push`: streams to files and back (recording.py)
 - `produce`, `consume`: synthetic load and a rate meter (synthetic.py)
+
+Client-side commands take `--url`/`NDRELAY_URL` and `--token`/`NDRELAY_TOKEN` (_connect.py)
+and exit 0 when done, 1 on a relay error (one line on stderr), 2 on a usage error.
 
 Client and server code is imported inside the commands, so `ndrelay --help` stays quick.
 """
@@ -11,7 +16,9 @@ from __future__ import annotations
 import click
 
 from .._version import __version__
+from .recording import play, push, record
 from .serve import serve
+from .streams import cat, info, ls, rm
 from .synthetic import consume, produce
 
 __all__ = ["main"]
@@ -23,9 +30,8 @@ def main() -> None:
     """ndrelay: stream numpy arrays between machines over HTTP."""
 
 
-main.add_command(serve)
-main.add_command(produce)
-main.add_command(consume)
+for command in (serve, ls, info, cat, record, play, push, rm, produce, consume):
+    main.add_command(command)
 
 
 def _show_envvars(group: click.Group) -> None:

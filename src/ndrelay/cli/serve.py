@@ -84,7 +84,10 @@ def _size(text: str | None, what: str) -> int | None:
     "--token", envvar="NDRELAY_TOKEN", help="Bearer token every endpoint but /healthz requires."
 )
 @click.option(
-    "--demo", is_flag=True, envvar="NDRELAY_DEMO", help="Add demo streams 'radar' and 'count'."
+    "--demo",
+    is_flag=True,
+    envvar="NDRELAY_DEMO",
+    help="Add demo streams 'radar', 'camera' and 'count'.",
 )
 @click.option(
     "--source",
@@ -160,7 +163,7 @@ def serve(
     from .._sizes import format_size
     from ..server import Relay, Settings, create_app, uvicorn_config
     from ..server.relay import check_origin
-    from .demo import demo_count, demo_radar
+    from .demo import publish_demo
 
     settings = Settings.from_env()
     if token:
@@ -183,8 +186,7 @@ def serve(
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     relay = Relay(settings=settings)
     if demo:
-        relay.publish("radar", demo_radar(), size=64, mode="fanout")
-        relay.publish("count", demo_count(), size=64)
+        publish_demo(relay)
     for spec in sources:
         _load_source(spec)(relay)
     app = create_app(relay)

@@ -116,6 +116,7 @@ class MemoryStream:
         self._depth = 0  # items held (a Block holds several)
         self._size, self._max_bytes = spec.size, spec.max_bytes
         self._bytes = 0
+        self._produced_bytes = 0  # payload bytes ever accepted (for rates)
         self._next_seq = 0
         self._terminal: EndFrame | ErrorFrame | None = None
         self._aborted = False  # deleted/shut down: consumers stop at once
@@ -271,6 +272,7 @@ class MemoryStream:
             self._next_seq = seq + 1
             self._items.append((seq, item, item.nbytes))
             self._bytes += item.nbytes
+            self._produced_bytes += item.nbytes
             self._depth += 1
             return True
         return False
@@ -280,6 +282,7 @@ class MemoryStream:
         self._next_seq = seq + n
         self._items.append((seq, item, nbytes))
         self._bytes += nbytes
+        self._produced_bytes += nbytes
         self._depth += n
         self._data_waiters.wake()
 
@@ -450,6 +453,7 @@ class MemoryStream:
                 "state": state,
                 "depth": self._depth,
                 "produced": self._next_seq,
+                "produced_bytes": self._produced_bytes,
                 "consumed": self.consumed,
                 "dropped": self.dropped,
                 "bytes": self._bytes,

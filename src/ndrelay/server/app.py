@@ -26,9 +26,11 @@ from .._frames import DataFrame
 from .._version import __version__
 from ..registry import POLICIES, Registry, Stream, StreamSpec, check_name
 from .consume import FrameStreamResponse
+from .dashboard import add_dashboard
 from .errors import install_error_handlers
 from .formats import FORMATS, ndjson_line
 from .metrics import metrics_response
+from .rates import RateMeter
 from .relay import Relay, Settings, check_origin
 from .upload import UploadResponse
 
@@ -96,9 +98,19 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
     the_relay = relay
     registry = relay.registry
 
+    rates = RateMeter()
+
+    def all_infos() -> list[dict[str, Any]]:
+        return [s.info() for s in registry.streams()]
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        yield
+        sampler = asyncio.ensure_future(rates.run(all_infos))
+        try:
+            yield
+        finally:
+            sampler.cancel()
+            await asyncio.gather(sampler, return_exceptions=True)
         await asyncio.to_thread(the_relay.close)  # joins producer threads: not on the loop
 
     app = FastAPI(
@@ -145,13 +157,15 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
 
     @app.get("/streams", dependencies=auth, tags=["streams"])
     async def list_streams(response: Response) -> list[dict[str, Any]]:
-        """Info of every stream. Headers `ndrelay-memory-bytes` and `ndrelay-memory-limit`:
+        """Info of every stream, with its recent rates. Headers `ndrelay-memory-bytes` and `ndrelay-memory-limit`:
         the payload bytes buffered over all streams, and the bound on them."""
         budget = registry.budget
         if budget is not None:
             response.headers["ndrelay-memory-bytes"] = str(budget.used)
             response.headers["ndrelay-memory-limit"] = str(budget.limit)
-        return [s.info() for s in registry.streams()]
+        infos = all_infos()
+        rates.sample(infos)
+        return [rates.annotate(info) for info in infos]
 
     @app.put("/streams/{name}", dependencies=auth, tags=["streams"], status_code=201)
     async def create_stream(name: str, body: CreateStream) -> JSONResponse:
@@ -164,8 +178,11 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
 
     @app.get("/streams/{name}/info", dependencies=auth, tags=["streams"])
     async def stream_info(stream: StreamDep) -> dict[str, Any]:
-        """Definition, state (`open`/`ended`/`failed`) and counters of one stream."""
-        return stream.info()
+        """Definition, state (`open`/`ended`/`failed`), counters and recent rates of one
+        stream."""
+        info = stream.info()
+        rates.sample([info], complete=False)
+        return rates.annotate(info)
 
     @app.delete("/streams/{name}", dependencies=auth, tags=["streams"], status_code=204)
     async def delete_stream(name: str) -> Response:
@@ -223,6 +240,7 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
             raise StreamClosed.finished(name, stream.info()["state"])
         return UploadResponse(stream, the_relay.settings)
 
+    add_dashboard(app, auth)
     return app
 
 

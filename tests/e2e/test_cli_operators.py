@@ -13,10 +13,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from _sources import ServeProcess, clean_env, free_port, ndrelay_cmd, poll
+from _sources import ServeProcess, clean_env, endless_large, free_port, ndrelay_cmd, poll
 
 from ndrelay import FrameDecoder, RelayClient
 from ndrelay._frames import DataFrame, EndFrame, ErrorFrame
+from ndrelay.cli.demo import publish_demo
 
 pytestmark = pytest.mark.e2e
 
@@ -73,25 +74,28 @@ def test_ls_table_and_json_match_the_relay(server):
     assert all({"items_per_s", "bytes_per_s"} <= s.keys() for s in listed)
 
 
-def test_ls_shows_rates_of_a_flowing_stream(serve):
-    proc = ServeProcess("--demo")
-    try:
+@pytest.fixture
+def demo(server):
+    """A server with the demo streams of `ndrelay serve --demo` (in-process: its port is
+    bound once, no other process can take it meanwhile)."""
+    publish_demo(server.relay)
+    return server
 
-        def camera_rate():
-            out = run("ls", "--json", url=proc.url)
-            rates = {s["name"]: s for s in json.loads(out.stdout)}
-            return rates["camera"]["items_per_s"] and rates["camera"]
 
-        camera = poll(camera_rate, "a camera rate", deadline=20)
-        assert 2 < camera["items_per_s"] < 20  # the demo camera runs at 10 Hz
-        assert camera["bytes_per_s"] == pytest.approx(
-            camera["items_per_s"] * 240 * 320 * 3, rel=1e-3
-        )
-        table = run("ls", url=proc.url).stdout.decode()
-        row = next(line.split() for line in table.splitlines() if line.startswith("camera"))
-        assert float(row[6]) > 0 and float(row[7]) > 0  # items/s, MB/s
-    finally:
-        proc.stop()
+def test_ls_shows_rates_of_a_flowing_stream(demo):
+    proc = demo
+
+    def camera_rate():
+        out = run("ls", "--json", url=proc.url)
+        rates = {s["name"]: s for s in json.loads(out.stdout)}
+        return rates["camera"]["items_per_s"] and rates["camera"]
+
+    camera = poll(camera_rate, "a camera rate", deadline=20)
+    assert 0 < camera["items_per_s"] < 20  # the demo camera runs at 10 Hz
+    assert camera["bytes_per_s"] == pytest.approx(camera["items_per_s"] * 240 * 320 * 3, rel=1e-3)
+    table = run("ls", url=proc.url).stdout.decode()
+    row = next(line.split() for line in table.splitlines() if line.startswith("camera"))
+    assert float(row[6]) > 0 and float(row[7]) > 0  # items/s, MB/s
 
 
 def test_info_and_rm(server):
@@ -157,17 +161,13 @@ def test_cat_writes_ndjson_until_the_end(server):
     assert [f["data"] for f in lines[:4]] == [[i, i, i] for i in range(4)]
 
 
-def test_cat_n_stops_after_n_items_of_an_endless_stream(serve):
-    proc = ServeProcess("--demo")
-    try:
-        out = run("cat", "radar", "-n", "3", url=proc.url)
-        assert out.returncode == 0
-        lines = [json.loads(line) for line in out.stdout.decode().splitlines()]
-        assert len(lines) == 3 and all(f["shape"] == [4, 8] for f in lines)
-        seqs = [f["seq"] for f in lines]
-        assert seqs == list(range(seqs[0], seqs[0] + 3))
-    finally:
-        proc.stop()
+def test_cat_n_stops_after_n_items_of_an_endless_stream(demo):
+    out = run("cat", "radar", "-n", "3", url=demo.url)
+    assert out.returncode == 0
+    lines = [json.loads(line) for line in out.stdout.decode().splitlines()]
+    assert len(lines) == 3 and all(f["shape"] == [4, 8] for f in lines)
+    seqs = [f["seq"] for f in lines]
+    assert seqs == list(range(seqs[0], seqs[0] + 3))
 
 
 def test_cat_msgpack_is_the_stream_body(server):
@@ -234,53 +234,48 @@ def test_record_play_record_is_byte_equal(server, tmp_path):
     np.testing.assert_array_equal(got[6], items[6])
 
 
-def test_ctrl_c_during_record_leaves_whole_frames(serve, tmp_path):
-    proc = ServeProcess("--source", "_sources:endless_large")
+def test_ctrl_c_during_record_leaves_whole_frames(server, tmp_path):
+    endless_large(server.relay)
+    proc = server
+    path = tmp_path / "big.msgpack"
+    rec = subprocess.Popen(
+        ndrelay_cmd("record", "endless-large", str(path)),
+        env=clean_env(NDRELAY_URL=proc.url),
+        stderr=subprocess.PIPE,
+    )
     try:
-        path = tmp_path / "big.msgpack"
-        rec = subprocess.Popen(
-            ndrelay_cmd("record", "endless-large", str(path)),
-            env=clean_env(NDRELAY_URL=proc.url),
-            stderr=subprocess.PIPE,
-        )
-        try:
-            poll(lambda: path.exists() and path.stat().st_size > 8 << 20, "8 MiB recorded", 30)
-            rec.send_signal(signal.SIGINT)
-            _, err = rec.communicate(timeout=30)
-        finally:
-            if rec.poll() is None:
-                rec.kill()
-                rec.wait(10)
-        assert rec.returncode == 0, err
-        assert "Ctrl-C" in err.decode()
-        frames = frames_of(path.read_bytes())  # decodes to the last byte: no partial frame
-        assert len(frames) >= 8
-        for i, frame in enumerate(frames):
-            assert frame.seq == i and frame.data.shape == (1 << 20,)
-            assert frame.data[0] == i % 256 and frame.data[-1] == i % 256
-        times = Path(str(path) + ".times").read_text().split()
-        assert len(times) == len(frames)
+        poll(lambda: path.exists() and path.stat().st_size > 8 << 20, "8 MiB recorded", 30)
+        rec.send_signal(signal.SIGINT)
+        _, err = rec.communicate(timeout=30)
     finally:
-        proc.stop()
+        if rec.poll() is None:
+            rec.kill()
+            rec.wait(10)
+    assert rec.returncode == 0, err
+    assert "Ctrl-C" in err.decode()
+    frames = frames_of(path.read_bytes())  # decodes to the last byte: no partial frame
+    assert len(frames) >= 8
+    for i, frame in enumerate(frames):
+        assert frame.seq == i and frame.data.shape == (1 << 20,)
+        assert frame.data[0] == i % 256 and frame.data[-1] == i % 256
+    times = Path(str(path) + ".times").read_text().split()
+    assert len(times) == len(frames)
 
 
-def test_record_stops_after_n_or_duration(serve, tmp_path):
-    proc = ServeProcess("--demo")
-    try:
-        path = tmp_path / "cam.msgpack"
-        out = run("record", "camera", str(path), "-n", "4", url=proc.url)
-        assert out.returncode == 0
-        frames = frames_of(path.read_bytes())
-        assert len(frames) == 4 and all(f.data.shape == (240, 320, 3) for f in frames)
-        started = time.monotonic()
-        out = run("record", "radar", str(path), "--duration", "1.5", url=proc.url)
-        assert out.returncode == 0
-        assert time.monotonic() - started >= 1.5
-        assert "1.5 s" in out.stderr.decode()
-        frames = frames_of(path.read_bytes())
-        assert frames and all(isinstance(f, DataFrame) for f in frames)
-    finally:
-        proc.stop()
+def test_record_stops_after_n_or_duration(demo, tmp_path):
+    proc = demo
+    path = tmp_path / "cam.msgpack"
+    out = run("record", "camera", str(path), "-n", "4", url=proc.url)
+    assert out.returncode == 0
+    frames = frames_of(path.read_bytes())
+    assert len(frames) == 4 and all(f.data.shape == (240, 320, 3) for f in frames)
+    started = time.monotonic()
+    out = run("record", "radar", str(path), "--duration", "1.5", url=proc.url)
+    assert out.returncode == 0
+    assert time.monotonic() - started >= 1.5
+    assert "1.5 s" in out.stderr.decode()
+    frames = frames_of(path.read_bytes())
+    assert frames and all(isinstance(f, DataFrame) for f in frames)
 
 
 def test_record_of_a_failed_stream_keeps_the_error_frame(server, tmp_path):

@@ -157,8 +157,9 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
 
     @app.get("/streams", dependencies=auth, tags=["streams"])
     async def list_streams(response: Response) -> list[dict[str, Any]]:
-        """Info of every stream, with its recent rates. Headers `ndrelay-memory-bytes` and `ndrelay-memory-limit`:
-        the payload bytes buffered over all streams, and the bound on them."""
+        """Info of every stream, with its recent rates. Headers `ndrelay-memory-bytes` and
+        `ndrelay-memory-limit`: the payload bytes buffered over all streams, and the bound
+        on them."""
         budget = registry.budget
         if budget is not None:
             response.headers["ndrelay-memory-bytes"] = str(budget.used)

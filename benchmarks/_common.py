@@ -36,6 +36,7 @@ __all__ = [
     "paced_items",
     "machine_description",
     "percentile",
+    "read_cpu",
     "read_vm",
     "summarize",
 ]
@@ -64,6 +65,8 @@ class Workload:
     warmup: float  # consumer ignores its first `warmup` seconds
     batch: int = 0
     description: str = ""
+    #: W2c: the producer yields single items although the consumer reads batches.
+    single: bool = False
 
     @property
     def itemsize(self) -> int:
@@ -197,6 +200,9 @@ class Meter:
             "window_s": dt,
             "items_per_s": ips,
             "bytes_per_s": ips * itemsize,
+            # the window on the shared monotonic clock, to charge CPU time to it
+            "t0": self.t0,
+            "t_end": self.t_end,
         }
 
 
@@ -301,6 +307,16 @@ def read_vm(pid: int) -> dict[str, int]:
     except OSError:
         pass
     return out
+
+
+def read_cpu(pid: int) -> float | None:
+    """User + system CPU seconds of process `pid` so far (/proc/PID/stat); None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def self_vm() -> dict[str, int]:

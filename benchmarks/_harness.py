@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Any
 
-from _common import child_main, read_vm
+from _common import child_main, read_cpu, read_vm
 
 __all__ = ["ChildFailed", "Harness"]
 
@@ -24,6 +24,11 @@ class ChildFailed(RuntimeError):
 
 def _entry(target: str, q: Any, role: str, kwargs: dict[str, Any]) -> None:
     import importlib
+    import sys
+
+    src = kwargs.pop("src", None)
+    if src:  # another ndrelay source tree (the baseline): ahead of the installed one
+        sys.path.insert(0, src)
 
     mod, _, fn = target.partition(":")
     child_main(getattr(importlib.import_module(mod), fn), q, role, kwargs)
@@ -41,6 +46,10 @@ class Harness:
         self._sample = sample_rss
         self._every = sample_every
         self.rss: dict[str, list[tuple[float, int]]] = {}
+        #: (perf_counter, CPU seconds) of every process, sampled every `cpu_every` s
+        self.cpu: dict[str, list[tuple[float, float]]] = {}
+        self._cpu_every = 0.05
+        self._cpu_sampler: threading.Thread | None = None
         self._stop = threading.Event()
         self._sampler: threading.Thread | None = None
         self._cpu0 = _cpu_snapshot()
@@ -59,6 +68,9 @@ class Harness:
         )
         p.start()
         self.procs[role] = p
+        if self._cpu_sampler is None:
+            self._cpu_sampler = threading.Thread(target=self._cpu_loop, daemon=True)
+            self._cpu_sampler.start()
         if self._sample and self._sampler is None:
             self._sampler = threading.Thread(target=self._sample_loop, daemon=True)
             self._sampler.start()
@@ -74,6 +86,33 @@ class Harness:
                 vm = read_vm(p.pid)
                 if "VmRSS" in vm:
                     self.rss.setdefault(role, []).append((time.perf_counter() - t0, vm["VmRSS"]))
+
+    def _cpu_loop(self) -> None:
+        while not self._stop.wait(self._cpu_every):
+            for role, p in list(self.procs.items()):
+                cpu = read_cpu(p.pid)
+                if cpu is not None:
+                    self.cpu.setdefault(role, []).append((time.perf_counter(), cpu))
+
+    def cpu_between(self, role: str, t0: float, t1: float) -> float | None:
+        """CPU seconds `role` used between perf_counter times t0 and t1 (interpolated
+        between samples); None without samples around both."""
+        ss = self.cpu.get(role, [])
+        if len(ss) < 2 or t1 <= t0 or ss[0][0] > t0 or ss[-1][0] < t1 - 2 * self._cpu_every:
+            return None
+
+        def at(t: float) -> float:
+            prev = ss[0]
+            for cur in ss:
+                if cur[0] >= t:
+                    if cur[0] == prev[0]:
+                        return cur[1]
+                    f = (t - prev[0]) / (cur[0] - prev[0])
+                    return prev[1] + f * (cur[1] - prev[1])
+                prev = cur
+            return ss[-1][1]
+
+        return at(t1) - at(t0)
 
     # -- messages -------------------------------------------------------------------------
     def _pump(self, timeout: float) -> None:
@@ -118,6 +157,8 @@ class Harness:
         self.foreign_cores = _foreign_cores(self._cpu0, _cpu_snapshot())
         if self._sampler is not None:
             self._sampler.join(timeout=1)
+        if self._cpu_sampler is not None:
+            self._cpu_sampler.join(timeout=1)
         self.q.close()
         self.q.join_thread()
 

@@ -7,8 +7,14 @@ implementation uvicorn picks from what is installed); the consumer iterates
 Relayed: a bare server (`create_app(Relay())`), a producer process uploading with
 `RelayClient.publish(name, generator)`, a consumer process iterating `stream(name)`.
 
+Variants (`mode`): "" sync clients over TCP; "uds" the server on a Unix socket and
+`unix:///path` clients; "async" `AsyncRelayClient` for the consumer (and, relayed, the
+producer); "base" the sync clients and server of another source tree (the benchmark's
+`--baseline-src`: today's figures next to the new ones, in one run).
+
 The generator yields the same pool items as the other peers (read-only numpy arrays, one
-per item). W2b, like the peers: the producer gathers 256 individual items into one block
+per item). W2c: single items from the producer, read in stacked batches. W2b, like the
+peers: the producer gathers 256 individual items into one block
 (`b"".join`, as the raw and pyzmq producers do) and publishes blocks with
 `batched=True` (one header per 256 items); the consumer asks for
 `stream(name, batch=256, stack=True)`. Queue mode (the default).
@@ -52,7 +58,7 @@ def _items(q: Any, go: Any, w: Workload, duration: float, limit: int | None, rol
     every = 64 if w.small else 1
     n = 0
     k = 0
-    if w.batch:  # blocks of `batch` items, gathered like the peers' producers do
+    if w.batch and not w.single:  # blocks of `batch` items, gathered like the peers do
         import numpy as np
 
         while not paced.done(n):
@@ -73,11 +79,23 @@ def _items(q: Any, go: Any, w: Workload, duration: float, limit: int | None, rol
     q.put({"role": role, "result": {"sent": n, "vm": self_vm()}})
 
 
-def _serve(q: Any, role: str, app: Any) -> None:
+def _url(port: int | None, uds: str | None) -> str:
+    return f"unix://{uds}" if uds else f"http://127.0.0.1:{port}"
+
+
+def _serve(q: Any, role: str, app: Any, uds: str | None = None) -> None:
     import uvicorn
 
-    from ndrelay.server import uvicorn_config
+    try:
+        from ndrelay.server import uvicorn_config
+    except ImportError:  # a baseline tree from before it: uvicorn's defaults
+        uvicorn_config = uvicorn.Config
 
+    if uds:
+        server = uvicorn.Server(uvicorn_config(app, log_level="warning", lifespan="on", uds=uds))
+        q.put({"role": role, "ready": True, "port": None})
+        server.run()
+        return
     # proto=IPPROTO_TCP, as asyncio's create_server(host, port) makes it (what `ndrelay
     # serve` does): asyncio sets TCP_NODELAY on accepted connections only when the
     # listening socket says IPPROTO_TCP. A plain socket.socket() (proto 0) leaves Nagle on
@@ -102,14 +120,15 @@ def served_server(
     limit: int | None = None,
     role: str = "server",
     producer_role: str = "producer",
+    uds: str | None = None,
 ) -> None:
     from ndrelay import Relay, create_app
 
     w = Workload.from_dict(wl)
     relay = Relay()
     items = _items(q, go, w, duration, limit, producer_role)
-    relay.publish(name, items, size=size, batched=bool(w.batch))
-    _serve(q, role, create_app(relay))
+    relay.publish(name, items, size=size, batched=bool(w.batch and not w.single))
+    _serve(q, role, create_app(relay), uds)
 
 
 def served_lat_server(
@@ -133,10 +152,10 @@ def served_lat_server(
     _serve(q, role, create_app(relay))
 
 
-def bare_server(q: Any, role: str = "server", **_: Any) -> None:
+def bare_server(q: Any, role: str = "server", uds: str | None = None, **_: Any) -> None:
     from ndrelay import Relay, create_app
 
-    _serve(q, role, create_app(Relay()))
+    _serve(q, role, create_app(Relay()), uds)
 
 
 def producer(
@@ -149,15 +168,31 @@ def producer(
     limit: int | None = None,
     size: int | None = None,
     role: str = "producer",
+    uds: str | None = None,
+    client: str = "sync",
 ) -> None:
-    from ndrelay import RelayClient
+    from ndrelay import AsyncRelayClient, RelayClient
 
     w = Workload.from_dict(wl)
     q.put({"role": role, "ready": True})
-    with RelayClient(f"http://127.0.0.1:{port}") as c:
+    items = _items(q, go, w, duration, limit, role)
+    batched = bool(w.batch and not w.single)
+    if client == "async":
+        import asyncio
+
+        async def run() -> None:
+            async with AsyncRelayClient(_url(port, uds)) as c:
+                if size is not None:
+                    await c.create(name, size=size)
+                kw = {"batched": True} if batched else {}
+                await c.publish(name, items, **kw)
+
+        asyncio.run(run())
+        return
+    with RelayClient(_url(port, uds)) as c:
         if size is not None:  # else the upload creates the stream with the server's default
             c.create(name, size=size)
-        c.publish(name, _items(q, go, w, duration, limit, role), batched=bool(w.batch))
+        c.publish(name, items, batched=batched)
 
 
 def _open(c: Any, name: str, go: Any, **kw: Any) -> tuple[Any, Any]:
@@ -182,14 +217,23 @@ def _open(c: Any, name: str, go: Any, **kw: Any) -> tuple[Any, Any]:
 
 
 def consumer(
-    q: Any, go: Any, wl: dict[str, Any], port: int, name: str, role: str = "consumer"
+    q: Any,
+    go: Any,
+    wl: dict[str, Any],
+    port: int | None,
+    name: str,
+    role: str = "consumer",
+    uds: str | None = None,
+    client: str = "sync",
 ) -> None:
     from ndrelay import RelayClient
 
+    if client == "async":
+        return _async_consumer(q, go, wl, _url(port, uds), name, role)
     w = Workload.from_dict(wl)
     check = Checker(w)
     meter = Meter(w.warmup)
-    with RelayClient(f"http://127.0.0.1:{port}") as c:
+    with RelayClient(_url(port, uds)) as c:
         n = 0
         if w.batch:
             it, first = _open(c, name, go, batch=w.batch, stack=True)
@@ -232,6 +276,62 @@ def consumer(
         close = getattr(it, "close", None)
         if close is not None:
             close()
+    q.put(
+        {
+            "role": role,
+            "result": {**meter.result(w.itemsize), "checked": check.checked, "vm": self_vm()},
+        }
+    )
+
+
+def _async_consumer(q: Any, go: Any, wl: dict[str, Any], url: str, name: str, role: str) -> None:
+    import asyncio
+
+    from ndrelay import AsyncRelayClient
+
+    w = Workload.from_dict(wl)
+    check = Checker(w)
+    meter = Meter(w.warmup)
+
+    async def run() -> int:
+        async with AsyncRelayClient(url) as c:
+            deadline = time.monotonic() + OPEN_TIMEOUT
+            go.set()
+            kw = {"batch": w.batch, "stack": True} if w.batch else {}
+            while True:
+                try:
+                    it = await c.stream(name, **kw)
+                    break
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.05)
+            n = 0
+            last: Any = None
+            async for arr in it:
+                if w.batch:
+                    if n == 0 or (n // w.batch) % 16 == 0:
+                        check.batch(n, arr)
+                    last = (n, arr)
+                    n += arr.shape[0]
+                    meter.tick(n)
+                elif w.small:
+                    if n & 1023 == 0:
+                        check.item(n, arr)
+                        meter.tick(n)
+                    last = (n, arr)
+                    n += 1
+                else:
+                    check.item(n, arr)
+                    n += 1
+                    meter.tick(n)
+            if last is not None:
+                (check.batch if w.batch else check.item)(*last)
+            await it.aclose()
+            return n
+
+    n = asyncio.run(run())
+    meter.finish(n)
     q.put(
         {
             "role": role,

@@ -13,7 +13,7 @@ import ssl
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import quote, urlencode, urlsplit
@@ -144,6 +144,89 @@ class _BaseClient:
             return cls(message, stream_name=name)  # type: ignore[call-arg]
         return RelayHTTPError(f"{message} ({url})", status=status, body=body)
 
+    def _open_stream(
+        self, name: str, batch: int | None, stack: bool, policy: str | None
+    ) -> tuple[HTTPResponse, StreamState]:
+        """Send a stream request and read the answer's head (blocking): the open response
+        and a fresh `StreamState`, or the relay's error raised."""
+        if stack and batch is None:
+            raise ValueError("stack=True needs batch=N")
+        state = StreamState(name, batch, stack)
+        path = self._path(name) + self._stream_query(batch, policy)
+        conn, url = open_request(
+            self._endpoint, "GET", path, {"Accept": "application/x-msgpack", **self._headers}
+        )
+        response = read_response(conn, url)
+        if response.status != 200:
+            body = _json_or_text(response.read_all())
+            response.close()
+            raise self._error(response.status, body, url, name)
+        return response, state
+
+    def _upload(
+        self,
+        name: str,
+        items: Iterable[Any],
+        end: bool,
+        prefetch: int,
+        timeout: float | None,
+        batched: bool,
+    ) -> dict[str, Any]:
+        """The data path of `publish` (blocking; the async client runs it in a thread)."""
+        endpoint = self._endpoint
+        headers = {"Content-Type": "application/x-msgpack", **self._headers}
+        conn, url = open_request(endpoint, "POST", self._path(name), headers, chunked_body=True)
+        conn.sock.settimeout(timeout)
+        failure: BaseException | None = None
+        seq = 0
+        try:
+            with Prefetch(_refuse_none(items), size=prefetch) as source:
+                finished = False
+                while not finished:
+                    ready, terminal = _gather(source.queue, _UPLOAD_CHUNK)
+                    parts, seq, error = _encode_ready(ready, seq, batched)
+                    if error is not None:
+                        terminal = ExceptionSentinel(error)
+                    if terminal is None:
+                        finished = True
+                        if end:
+                            parts.append(encode_frame(EndFrame(seq)))
+                    elif isinstance(terminal, ExceptionSentinel):
+                        finished = True
+                        failure = terminal.exception
+                        parts.append(encode_frame(ErrorFrame.from_exception(failure, seq=seq)))
+                    total = sum(len(p) for p in parts)
+                    buffers = [b"%x\r\n" % total, *parts, b"\r\n"] if total else []
+                    if finished:
+                        buffers.append(b"0\r\n\r\n")
+                    if conn.readable_now():
+                        # The relay answered early: it refused something. End the body
+                        # (without an end frame) so that it answers now instead of
+                        # draining the rest until its timeout.
+                        try:
+                            conn.send_buffers([b"0\r\n\r\n"])
+                        except OSError:
+                            pass
+                        break
+                    try:
+                        conn.send_buffers(buffers)
+                    except TimeoutError:
+                        raise RelayTimeout(
+                            f"the relay took no data for {timeout} s", url=url
+                        ) from None
+                    except OSError:
+                        break  # the relay closed: its answer says why
+            conn.sock.settimeout(self.read_timeout)
+            response = read_response(conn, url)
+            body = _json_or_text(response.read_all())
+        finally:
+            conn.close()
+        if response.status != 200:
+            raise self._error(response.status, body, url, name)
+        if failure is not None:
+            raise failure
+        return body  # type: ignore[no-any-return]
+
     def _check(self, response: httpx.Response, name: str | None = None) -> httpx.Response:
         if response.status_code >= 400:
             try:
@@ -217,6 +300,9 @@ class _UnitQueue:
         self._terminal: list[Any] = []  # [None] or [ExceptionSentinel(...)] once finished
         self._cond = threading.Condition()
         self._closed = False
+        #: called (in the reader thread) when units or the terminal arrive in an empty
+        #: queue: how an asyncio reader learns there is something to take
+        self.on_ready: Any = None
 
     def put_many(self, units: list[Any]) -> bool:
         """Add units in order, waiting while full; False if the queue was closed meanwhile."""
@@ -232,6 +318,8 @@ class _UnitQueue:
                 units = units[room:]
                 if was_empty:
                     self._cond.notify_all()
+                    if self.on_ready is not None:
+                        self.on_ready()
             return True
 
     def finish(self, terminal: None | ExceptionSentinel) -> None:
@@ -239,6 +327,8 @@ class _UnitQueue:
             if not self._terminal:
                 self._terminal.append(terminal)
             self._cond.notify_all()
+        if self.on_ready is not None:
+            self.on_ready()
 
     def close(self) -> None:
         """Stop accepting units (the reader stops); readers get the end after what is held."""
@@ -247,6 +337,18 @@ class _UnitQueue:
             if not self._terminal:
                 self._terminal.append(None)
             self._cond.notify_all()
+        if self.on_ready is not None:
+            self.on_ready()
+
+    def take_ready(self) -> tuple[list[Any], Any]:
+        """Without waiting: every unit held, and the terminal (`None` or an
+        `ExceptionSentinel`) if the stream has finished, else `_OPEN`."""
+        with self._cond:
+            units = list(self._units)
+            self._units.clear()
+            if units:
+                self._cond.notify()  # the reader may wait for room
+            return units, (self._terminal[0] if self._terminal else _OPEN)
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         """The next unit; `None` at the end; raises the stream's error (the producer's
@@ -343,8 +445,10 @@ class RemoteStream(Buffer[Any]):
         state: StreamState,
         prefetch: int,
         max_frame_size: int,
+        on_ready: Any = None,
     ) -> None:
         super().__init__(_UnitQueue(prefetch))
+        self.queue.on_ready = on_ready
         self.name = name
         self.state = state
         self._response = response
@@ -377,6 +481,11 @@ class RemoteStream(Buffer[Any]):
             if isinstance(exc, OSError):
                 exc = StreamInterrupted(
                     f"stream {self.name!r} broke: {exc}", url=self._response.url
+                )
+            elif isinstance(exc, RelayTimeout) and exc.url is None:
+                exc = RelayTimeout(
+                    f"stream {self.name!r}: no data within the read timeout",
+                    url=self._response.url,
                 )
             queue.put_many(state.flush())
             queue.finish(ExceptionSentinel(exc))
@@ -510,18 +619,7 @@ class RelayClient(_BaseClient):
         Raises:
             StreamNotFound, AuthError, ConnectError: at once, before any item.
         """
-        if stack and batch is None:
-            raise ValueError("stack=True needs batch=N")
-        state = StreamState(name, batch, stack)
-        path = self._path(name) + self._stream_query(batch, policy)
-        conn, url = open_request(
-            self._endpoint, "GET", path, {"Accept": "application/x-msgpack", **self._headers}
-        )
-        response = read_response(conn, url)
-        if response.status != 200:
-            body = _json_or_text(response.read_all())
-            response.close()
-            raise self._error(response.status, body, url, name)
+        response, state = self._open_stream(name, batch, stack, policy)
         remote = RemoteStream(response, name, state, prefetch, self.max_frame_size)
         self._streams = [s for s in self._streams if s._thread.is_alive()]
         self._streams.append(remote)
@@ -558,59 +656,7 @@ class RelayClient(_BaseClient):
         Raises:
             UploadRefused: the relay refused a frame (the ones before it were kept).
         """
-        endpoint = self._endpoint
-        headers = {"Content-Type": "application/x-msgpack", **self._headers}
-        conn, url = open_request(endpoint, "POST", self._path(name), headers, chunked_body=True)
-        conn.sock.settimeout(timeout)
-        failure: BaseException | None = None
-        seq = 0
-        try:
-            with Prefetch(_refuse_none(items), size=prefetch) as source:
-                finished = False
-                while not finished:
-                    ready, terminal = _gather(source.queue, _UPLOAD_CHUNK)
-                    parts, seq, error = _encode_ready(ready, seq, batched)
-                    if error is not None:
-                        terminal = ExceptionSentinel(error)
-                    if terminal is None:
-                        finished = True
-                        if end:
-                            parts.append(encode_frame(EndFrame(seq)))
-                    elif isinstance(terminal, ExceptionSentinel):
-                        finished = True
-                        failure = terminal.exception
-                        parts.append(encode_frame(ErrorFrame.from_exception(failure, seq=seq)))
-                    total = sum(len(p) for p in parts)
-                    buffers = [b"%x\r\n" % total, *parts, b"\r\n"] if total else []
-                    if finished:
-                        buffers.append(b"0\r\n\r\n")
-                    if conn.readable_now():
-                        # The relay answered early: it refused something. End the body
-                        # (without an end frame) so that it answers now instead of
-                        # draining the rest until its timeout.
-                        try:
-                            conn.send_buffers([b"0\r\n\r\n"])
-                        except OSError:
-                            pass
-                        break
-                    try:
-                        conn.send_buffers(buffers)
-                    except TimeoutError:
-                        raise RelayTimeout(
-                            f"the relay took no data for {timeout} s", url=url
-                        ) from None
-                    except OSError:
-                        break  # the relay closed: its answer says why
-            conn.sock.settimeout(self.read_timeout)
-            response = read_response(conn, url)
-            body = _json_or_text(response.read_all())
-        finally:
-            conn.close()
-        if response.status != 200:
-            raise self._error(response.status, body, url, name)
-        if failure is not None:
-            raise failure
-        return body  # type: ignore[no-any-return]
+        return self._upload(name, items, end, prefetch, timeout, batched)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -719,12 +765,30 @@ def _json_or_text(data: bytes) -> Any:
 # -- async -----------------------------------------------------------------------------
 
 
+def _from_async(items: Any, loop: asyncio.AbstractEventLoop) -> Iterable[Any]:
+    """A blocking iterator over an async iterable, for a worker thread: each item is
+    awaited on `loop` (which stays free while the thread works)."""
+    iterator = items.__aiter__()
+    while True:
+        future = asyncio.run_coroutine_threadsafe(iterator.__anext__(), loop)
+        try:
+            item = future.result()
+        except StopAsyncIteration:
+            return
+        yield item
+
+
 class AsyncRemoteStream:
-    """`async for` over a remote stream (see `RemoteStream`); `aclose()` stops it."""
+    """`async for` over a remote stream (see `RemoteStream`); `aclose()` stops it.
+
+    The same data path as the sync client: a reader thread `recv_into`s payloads straight
+    into their arrays and hands units over in batches; the event loop is woken (once per
+    batch, `call_soon_threadsafe`) only when the queue was empty.
+    """
 
     def __init__(
         self,
-        response: httpx.Response,
+        response: HTTPResponse,
         name: str,
         state: StreamState,
         prefetch: int,
@@ -732,74 +796,47 @@ class AsyncRemoteStream:
     ) -> None:
         self.name = name
         self.state = state
-        self._response = response
-        self._queue: asyncio.Queue[Any] = asyncio.Queue(max(1, prefetch))
-        self._terminal: Any = ()  # () while open; None or an exception once finished
-        self._task = asyncio.create_task(self._read(max_frame_size))
+        self._loop = asyncio.get_running_loop()
+        self._ready = asyncio.Event()
+        self._local: deque[Any] = deque()
+        self._terminal: Any = _OPEN
+        self._remote = RemoteStream(
+            response, name, state, prefetch, max_frame_size, on_ready=self._wake
+        )
 
-    async def _read(self, max_frame_size: int) -> None:
-        state, queue = self.state, self._queue
-        decoder = FrameDecoder(max_frame_size)
+    def _wake(self) -> None:  # in the reader thread
         try:
-            async for chunk in self._response.aiter_raw():
-                decoder.feed(chunk)
-                for frame in decoder.frames():
-                    for unit in state.handle(frame):
-                        await queue.put(unit)
-                    if state.finished:
-                        await queue.put(ExceptionSentinel(state.error) if state.error else None)
-                        return
-            decoder.feed_eof()
-            raise StreamInterrupted(
-                f"stream {self.name!r} was cut off after seq {state.last_seq} "
-                "(no end or error frame)",
-                url=str(self._response.url),
-            )
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            if isinstance(exc, httpx.TimeoutException):
-                exc = RelayTimeout(
-                    f"stream {self.name!r}: no data within the read timeout",
-                    url=str(self._response.url),
-                )
-            elif isinstance(exc, httpx.HTTPError):
-                exc = StreamInterrupted(
-                    f"stream {self.name!r} broke: {exc}", url=str(self._response.url)
-                )
-            for unit in state.flush():
-                await queue.put(unit)
-            await queue.put(ExceptionSentinel(exc))
-        finally:
-            await self._response.aclose()
+            self._loop.call_soon_threadsafe(self._ready.set)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
 
     def __aiter__(self) -> Self:
         return self
 
     async def __anext__(self) -> Any:
-        if self._terminal != ():
-            return self._raise_terminal()
-        unit = await self._queue.get()
-        if unit is None or isinstance(unit, ExceptionSentinel):
-            self._terminal = unit
-            return self._raise_terminal()
-        return unit
-
-    def _raise_terminal(self) -> Any:
+        local = self._local
+        if local:
+            return local.popleft()
+        while self._terminal is _OPEN:  # (aclose sets it: nothing more after that)
+            self._ready.clear()
+            units, terminal = self._remote.queue.take_ready()
+            if units:
+                local.extend(units)
+                return local.popleft()
+            if terminal is not _OPEN:
+                self._terminal = terminal
+                break
+            await self._ready.wait()
         if isinstance(self._terminal, ExceptionSentinel):
             raise self._terminal.exception
         raise StopAsyncIteration
 
     async def aclose(self) -> None:
-        """Stop the reader task and the HTTP request."""
-        if self._terminal == ():
+        """Stop the reader thread and the HTTP request."""
+        if self._terminal is _OPEN:
             self._terminal = None
-        self._task.cancel()
-        try:
-            await self._task
-        except (asyncio.CancelledError, Exception):
-            pass
-        await self._response.aclose()
+        self._local.clear()
+        await asyncio.to_thread(self._remote.close)
 
     async def __aenter__(self) -> Self:
         return self
@@ -866,55 +903,41 @@ class AsyncRelayClient(_BaseClient):
         policy: str | None = None,
     ) -> AsyncRemoteStream:
         """Read a stream: `async for item in await client.stream(name)`."""
-        if stack and batch is None:
-            raise ValueError("stack=True needs batch=N")
-        state = StreamState(name, batch, stack)
-        path = self._path(name) + self._stream_query(batch, policy)
-        request = self._http.build_request("GET", path, headers={"Accept": "application/x-msgpack"})
-        try:
-            response = await self._http.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            raise _translate(exc, self.url + path) from None
-        if response.status_code != 200:
-            await response.aread()
-            await response.aclose()
-            self._check(response, name)
+        response, state = await asyncio.to_thread(self._open_stream, name, batch, stack, policy)
         remote = AsyncRemoteStream(response, name, state, prefetch, self.max_frame_size)
+        self._streams = [s for s in self._streams if s._remote._thread.is_alive()]
         self._streams.append(remote)
         return remote
 
-    async def publish(self, name: str, items: Any, *, end: bool = True) -> dict[str, Any]:
-        """Upload `items` (iterable or async iterable); see `RelayClient.publish`."""
-        failure: list[BaseException] = []
+    async def publish(
+        self,
+        name: str,
+        items: Any,
+        *,
+        end: bool = True,
+        prefetch: int = 64,
+        timeout: float | None = None,  # noqa: ASYNC109 (a stall limit, as in the sync client)
+        batched: bool = False,
+    ) -> dict[str, Any]:
+        """Upload `items` (iterable or async iterable); see `RelayClient.publish`.
 
-        async def body() -> AsyncIterator[bytes]:
-            seq = 0
+        The upload runs the sync client's zero-copy writer in a worker thread; an async
+        iterable is pulled from this event loop.
+        """
+        if hasattr(items, "__aiter__"):
+            items = _from_async(items, asyncio.get_running_loop())
+
+        def run() -> tuple[Any, BaseException | None]:
+            # the exception itself, not asyncio's copy (it rebuilds a TimeoutError)
             try:
-                if hasattr(items, "__aiter__"):
-                    async for item in items:
-                        yield b"".join(encode_data_parts(seq, item))
-                        seq += 1
-                else:
-                    for item in items:
-                        yield b"".join(encode_data_parts(seq, item))
-                        seq += 1
+                return self._upload(name, items, end, prefetch, timeout, batched), None
             except Exception as exc:
-                failure.append(exc)
-                yield encode_frame(ErrorFrame.from_exception(exc, seq=seq))
-                return
-            if end:
-                yield encode_frame(EndFrame(seq))
+                return None, exc
 
-        response = await self._call(
-            "POST",
-            self._path(name),
-            name,
-            content=body(),
-            headers={"Content-Type": "application/x-msgpack"},
-        )
-        if failure:
-            raise failure[0]
-        return response.json()  # type: ignore[no-any-return]
+        answer, failure = await asyncio.to_thread(run)
+        if failure is not None:
+            raise failure
+        return answer  # type: ignore[no-any-return]
 
     async def aclose(self) -> None:
         for remote in self._streams:

@@ -29,6 +29,10 @@ __all__ = ["EXTENSION", "VectoredHttpProtocol", "uvicorn_config", "vectored_byte
 EXTENSION = "ndrelay.vectored_send"
 #: Most buffers one sendmsg takes (Linux IOV_MAX is 1024).
 _IOV_MAX = 1024
+#: Writes with no buffer this large go through uvicorn's send: joining small payloads
+#: costs less than waiting on a full socket, and a rest this small is copied into the
+#: transport's buffer rather than waited for.
+_DIRECT_MIN = 64 * 1024
 _counted = [0]
 
 
@@ -58,14 +62,16 @@ class _Vectored:
         sock = self._protocol.direct_socket()
         if (
             sock is None
+            or max(len(b) for b in buffers) < _DIRECT_MIN
             or not cycle.response_started
             or cycle.response_complete
             or not cycle.chunked_encoding
             or cycle.scope["method"] == "HEAD"
-            or cycle.transport.get_write_buffer_size()
         ):
             body = buffers[0] if len(buffers) == 1 else b"".join(buffers)
             await cycle.send({"type": "http.response.body", "body": body, "more_body": True})
+            return
+        if not await self._protocol.drain_transport():
             return
         views = [memoryview(b"%x\r\n" % total)]
         views += [memoryview(b).cast("B") for b in buffers if len(b)]
@@ -99,9 +105,21 @@ class VectoredHttpProtocol(HttpToolsProtocol):
             self._direct.setblocking(False)
         return self._direct
 
+    async def drain_transport(self) -> bool:
+        """Wait until the transport's own buffer is empty (what uvicorn wrote must go
+        first); False if the connection ended meanwhile."""
+        transport = self.transport
+        while transport.get_write_buffer_size():
+            if self.cycle.disconnected or transport.is_closing() or self._direct is None:
+                return False
+            await self._wait_writable(self._direct)
+            await asyncio.sleep(0)  # the transport's own writer runs on the same event
+        return not (self.cycle.disconnected or transport.is_closing())
+
     async def send_all(self, views: list[memoryview]) -> None:
-        """Send every view, in order, with sendmsg; wait for room when the socket is full.
-        A broken connection closes the transport (the cycle then sees the disconnect)."""
+        """Send every view, in order, with sendmsg; wait for room when the socket is full
+        (a small rest goes to the transport's buffer instead). A broken connection closes
+        the transport (the cycle then sees the disconnect)."""
         sock = self._direct
         assert sock is not None
         while views:
@@ -122,6 +140,9 @@ class VectoredHttpProtocol(HttpToolsProtocol):
                     sent = 0
             if views:
                 if self.cycle.disconnected or self.transport.is_closing():
+                    return
+                if sum(len(v) for v in views) < _DIRECT_MIN:
+                    self.transport.write(b"".join(views))
                     return
                 await self._wait_writable(sock)
 

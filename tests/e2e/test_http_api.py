@@ -817,8 +817,10 @@ def test_sse_format(server, http):
 
     server.relay.publish("ev2", failing())
     events = _parse_sse(http.get("/streams/ev2?format=sse").text)
-    assert events[-1]["event"] == "error"
+    # not `error`: EventSource fires its own `error` event for connection failures
+    assert events[-1]["event"] == "stream-error"
     assert events[-1]["id"] == "1"
+    assert events[-1]["data"]["kind"] == "error"
     assert events[-1]["data"]["origin"] == "producer"
     assert events[-1]["data"]["type"] == "RuntimeError"
 

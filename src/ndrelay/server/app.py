@@ -54,7 +54,8 @@ ndrelay relays streams of numpy arrays and raw bytes.
 
 A body that ends without `end` or `error` was cut off. `?format=ndjson` and
 `?format=sse` give the same frames as JSON lines or server-sent events (arrays as
-nested lists, bytes as base64 with `"encoding": "base64"`).
+nested lists, bytes as base64 with `"encoding": "base64"`). In SSE, an `error` frame
+is `event: stream-error` (EventSource's own `error` event means a dropped connection).
 """
 
 

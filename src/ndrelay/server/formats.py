@@ -10,7 +10,7 @@ import numpy as np
 
 from .._frames import DataFrame, EndFrame, ErrorFrame, Frame, HeartbeatFrame
 
-__all__ = ["FORMATS", "frame_json", "ndjson_line", "sse_event"]
+__all__ = ["FORMATS", "SSE_EVENTS", "frame_json", "ndjson_line", "sse_event"]
 
 #: `?format=` values and their media types.
 FORMATS = {
@@ -82,8 +82,16 @@ def ndjson_line(frame: Frame) -> bytes:
     return _dumps(frame_json(frame)) + b"\n"
 
 
+#: SSE event names by frame kind. An `error` frame is `stream-error`: a browser's
+#: EventSource fires its own `error` event when the connection fails, and a page must
+#: tell the stream's failure (final) from a dropped connection (it reconnects).
+SSE_EVENTS = {"data": "data", "end": "end", "error": "stream-error", "heartbeat": "heartbeat"}
+
+
 def sse_event(frame: Frame) -> bytes:
-    """One server-sent event: `id:` the seq, `event:` the kind, `data:` the JSON."""
+    """One server-sent event: `id:` the seq, `event:` the kind (`stream-error` for an
+    `error` frame), `data:` the JSON (its `kind` unchanged)."""
     body = frame_json(frame)
     head = f"id: {body['seq']}\n" if "seq" in body else ""
-    return f"{head}event: {body['kind']}\n".encode() + b"data: " + _dumps(body) + b"\n\n"
+    event = SSE_EVENTS[body["kind"]]
+    return f"{head}event: {event}\n".encode() + b"data: " + _dumps(body) + b"\n\n"

@@ -84,6 +84,12 @@ def _size(text: str | None, what: str) -> int | None:
     "--token", envvar="NDRELAY_TOKEN", help="Bearer token every endpoint but /healthz requires."
 )
 @click.option(
+    "--public-docs",
+    is_flag=True,
+    envvar="NDRELAY_PUBLIC_DOCS",
+    help="Serve /docs and /openapi.json without the token (other endpoints keep it).",
+)
+@click.option(
     "--demo",
     is_flag=True,
     envvar="NDRELAY_DEMO",
@@ -149,6 +155,7 @@ def serve(
     port: int,
     uds: str | None,
     token: str | None,
+    public_docs: bool,
     demo: bool,
     sources: tuple[str, ...],
     max_frame_bytes: int | None,
@@ -168,6 +175,8 @@ def serve(
     settings = Settings.from_env()
     if token:
         settings.token = token
+    if public_docs:
+        settings.public_docs = True
     if max_frame_bytes is not None:
         settings.max_frame_bytes = max_frame_bytes
     if max_streams is not None:

@@ -25,6 +25,7 @@ from .._exceptions import (
 from .._frames import DataFrame
 from .._version import __version__
 from ..registry import POLICIES, Registry, Stream, StreamSpec, check_name
+from .apidocs import install_docs
 from .consume import FrameStreamResponse
 from .dashboard import add_dashboard
 from .errors import install_error_handlers
@@ -119,6 +120,10 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        # served by install_docs: Swagger UI from the package, behind the token
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.relay = relay
     if relay.settings.cors_origins:
@@ -145,6 +150,7 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
     auth = [Depends(check_token)]
 
     install_error_handlers(app)
+    install_docs(app, auth, public=relay.settings.public_docs)
 
     @app.get("/healthz", tags=["service"])
     async def healthz() -> dict[str, str]:

@@ -21,6 +21,16 @@ from ..registry import Block, MemoryRegistry, Registry, Stream, StreamSpec
 __all__ = ["Relay", "Settings", "check_origin"]
 
 
+def _env_flag(name: str) -> bool:
+    """A boolean variable: 1/true/yes/on, or 0/false/no/off/empty."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{name} must be 1 or 0 (true/false, yes/no, on/off), got {value!r}")
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     if value is None or value == "":
@@ -73,6 +83,7 @@ class Settings:
             discarding) its body so the client can read the error instead of a reset.
         cors_origins: origins whose pages may call the relay from a browser
             (`https://viz.example:8443`; `*` for any); none by default.
+        public_docs: serve `/docs` and `/openapi.json` without the token.
     """
 
     token: str | None = None
@@ -82,6 +93,7 @@ class Settings:
     heartbeat_interval: float = 15.0
     upload_drain_seconds: float = 10.0
     cors_origins: list[str] = field(default_factory=list)
+    public_docs: bool = False
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -92,6 +104,7 @@ class Settings:
             max_memory=_env_size("NDRELAY_MAX_MEMORY"),
             heartbeat_interval=float(os.environ.get("NDRELAY_HEARTBEAT", "15") or 15),
             cors_origins=_env_list("NDRELAY_CORS_ORIGINS"),
+            public_docs=_env_flag("NDRELAY_PUBLIC_DOCS"),
         )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import threading
 import time
 
 import httpx
@@ -19,6 +20,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ndrelay import Relay, RelayClient, create_app
 from ndrelay.server import VectoredHttpProtocol, uvicorn_config
+from ndrelay.server.protocol import RECEIVE_EXTENSION
 
 pytestmark = pytest.mark.e2e
 
@@ -134,3 +136,51 @@ def test_a_reader_that_vanishes_mid_payload_frees_its_slot(serve):
     with RelayClient(server.url, read_timeout=20) as client:  # still serving
         with client.stream("big", policy="latest") as stream:
             assert bounded(lambda: next(stream), 20).nbytes == 4 * MiB
+
+
+def test_uploads_arrive_in_unjoined_pieces_through_the_receive_extension():
+    """An ASGI app under `uvicorn_config` gets `ndrelay.receive_chunks`: the body in the
+    parser's pieces, every byte, in order (the hook applies under this uvicorn)."""
+    seen: dict = {}
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        chunked = scope.get("extensions", {}).get(RECEIVE_EXTENSION)
+        seen["offered"] = chunked is not None
+        pieces = []
+        more = True
+        while more and chunked is not None:
+            message = await chunked()
+            if message["type"] != "http.request":
+                break
+            pieces += message["chunks"]
+            more = message["more_body"]
+        seen["pieces"] = len(pieces)
+        body = b"".join(pieces)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"%d %d" % (len(body), hash(body))})
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn_config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        poll(lambda: server.started, "the server")
+        payload = np.random.default_rng(3).bytes(3 * MiB)
+
+        def body():
+            for i in range(0, len(payload), 100_000):
+                yield payload[i : i + 100_000]
+
+        answer = httpx.post(
+            f"http://127.0.0.1:{port}/", content=body(), headers={"Expect": "100-continue"}
+        )
+        assert answer.text == f"{len(payload)} {hash(payload)}"
+        assert seen["offered"], HOOK_BROKEN.format(uvicorn.__version__)
+        assert seen["pieces"] > 1
+    finally:
+        server.should_exit = True
+        thread.join(10)

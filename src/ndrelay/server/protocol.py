@@ -11,6 +11,12 @@ for the socket to take the rest when it is full: the kernel's copy is the only o
 wire is unchanged standard HTTP/1.1 chunked coding; anything else (TLS, HEAD, a response
 uvicorn does not chunk, bytes still in the transport's buffer) goes through uvicorn's own
 `send`. `vectored_bytes()` counts what went the direct way (in `/metrics`).
+
+Uploads: uvicorn gathers request body pieces with `body += piece` and hands the app
+`bytes(body)`, two copies of every payload. The second extension, `ndrelay.receive_chunks`,
+is an ASGI `receive` whose `http.request` messages carry `chunks` (the pieces as the
+parser produced them, not joined) instead of `body`, with uvicorn's own flow control
+(reading pauses while more than its high-water mark waits).
 """
 
 from __future__ import annotations
@@ -21,12 +27,20 @@ from collections.abc import Sequence
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-__all__ = ["EXTENSION", "VectoredHttpProtocol", "uvicorn_config", "vectored_bytes"]
+__all__ = [
+    "EXTENSION",
+    "RECEIVE_EXTENSION",
+    "VectoredHttpProtocol",
+    "uvicorn_config",
+    "vectored_bytes",
+]
 
-#: The scope extension's key.
+#: The scope extensions' keys.
 EXTENSION = "ndrelay.vectored_send"
+RECEIVE_EXTENSION = "ndrelay.receive_chunks"
 #: Most buffers one sendmsg takes (Linux IOV_MAX is 1024).
 _IOV_MAX = 1024
 #: Writes with no buffer this large go through uvicorn's send: joining small payloads
@@ -80,11 +94,56 @@ class _Vectored:
         _counted[0] += total
 
 
+class _Chunks:
+    """The receive extension for one request (see the module docstring)."""
+
+    __slots__ = ("_cycle", "_protocol", "chunks", "size", "started")
+
+    def __init__(self, protocol: VectoredHttpProtocol, cycle: RequestResponseCycle) -> None:
+        self._protocol = protocol
+        self._cycle = cycle
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.started = False
+
+    def take(self) -> list[bytes]:
+        chunks, self.chunks, self.size = self.chunks, [], 0
+        return chunks
+
+    async def __call__(self) -> dict[str, Any]:
+        cycle = self._cycle
+        if not self.started:
+            # uvicorn's own receive the first time: it answers `Expect: 100-continue` and
+            # gives what it has gathered; from here on, pieces are kept apart
+            self.started = True
+            message: dict[str, Any] = dict(await cycle.receive())
+            if message["type"] != "http.request":
+                return message
+            body = message.pop("body", b"")
+            message["chunks"] = ([body] if body else []) + self.take()
+            message["more_body"] = message.get("more_body", False) and cycle.more_body
+            return message
+        while (
+            not self.chunks
+            and cycle.more_body
+            and not cycle.disconnected
+            and not cycle.response_complete
+        ):
+            self._protocol.flow.resume_reading()
+            await cycle.message_event.wait()
+            cycle.message_event.clear()
+        if cycle.disconnected or cycle.response_complete:
+            return {"type": "http.disconnect"}
+        return {"type": "http.request", "chunks": self.take(), "more_body": cycle.more_body}
+
+
 class VectoredHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, offering `ndrelay.vectored_send` to each request."""
+    """uvicorn's httptools protocol, offering `ndrelay.vectored_send` and
+    `ndrelay.receive_chunks` to each request."""
 
     _direct: socket.socket | None = None
     _writable: asyncio.Future[None] | None = None
+    _chunks: _Chunks | None = None
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
@@ -92,6 +151,24 @@ class VectoredHttpProtocol(HttpToolsProtocol):
         if cycle is not None and cycle.scope is self.scope:
             extensions = self.scope.setdefault("extensions", {})  # type: ignore[typeddict-item]
             extensions[EXTENSION] = _Vectored(self, cycle)
+            self._chunks = extensions[RECEIVE_EXTENSION] = _Chunks(self, cycle)
+
+    def on_body(self, body: bytes) -> None:
+        chunks, cycle = self._chunks, self.cycle
+        if (
+            chunks is None
+            or not chunks.started
+            or chunks._cycle is not cycle
+            or cycle.response_complete
+            or (self.parser.should_upgrade() and self._should_upgrade())
+        ):
+            super().on_body(body)
+            return
+        chunks.chunks.append(body)
+        chunks.size += len(body)
+        if chunks.size > HIGH_WATER_LIMIT:
+            self.flow.pause_reading()
+        cycle.message_event.set()
 
     def direct_socket(self) -> socket.socket | None:
         """A duplicate of the connection's socket (same file description), made on first

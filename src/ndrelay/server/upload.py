@@ -15,6 +15,7 @@ from .._exceptions import NDRelayError, ProtocolError, StreamClosed
 from .._frames import DataFrame, EndFrame, ErrorFrame
 from ..registry import Block, Stream
 from .errors import error_body
+from .protocol import RECEIVE_EXTENSION
 from .relay import Settings
 
 __all__ = ["UploadResponse"]
@@ -38,6 +39,9 @@ class UploadResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._stash: Any = None  # a body message read while waiting for room
+        # `VectoredHttpProtocol` (how `ndrelay serve` runs uvicorn) hands the body over
+        # in the pieces it was parsed in, not joined into one copy per message
+        receive = scope.get("extensions", {}).get(RECEIVE_EXTENSION, receive)
         with self.stream.producing():
             await self._upload(scope, receive, send)
 
@@ -88,8 +92,8 @@ class UploadResponse(Response):
                     )
                     return
                 more = message.get("more_body", False)
-                decoder.feed(message.get("body", b""))
-                for frame in decoder.frames():
+                pieces = message.get("chunks") or (message.get("body", b""),)
+                for frame in _frames_of(decoder, pieces):
                     index = seen
                     seen += 1
                     if finished:
@@ -186,6 +190,14 @@ class UploadResponse(Response):
         except TimeoutError:
             pass
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _frames_of(decoder: FrameDecoder, pieces: Any) -> Any:
+    """The frames completed by each piece of body in turn (a bad piece cannot hide the
+    good frames before it)."""
+    for piece in pieces:
+        decoder.feed(piece)
+        yield from decoder.frames()
 
 
 class _ClientGone(Exception):

@@ -385,10 +385,12 @@ def _bases(d: dict[str, Any], index: int) -> tuple[str, ...]:
     return tuple(bases)
 
 
-def _seq(d: dict[str, Any], index: int) -> int:
+def _seq(d: dict[str, Any], index: int, optional: bool = False) -> int:
     seq = d.get("seq")
     if type(seq) is not int or seq < 0:
         if seq is None and "seq" not in d:
+            if optional:
+                return -1
             raise RemoteProtocolError("missing key", frame_index=index, key="seq")
         raise RemoteProtocolError(
             f"seq must be a non-negative integer, got {seq!r}", frame_index=index, key="seq"
@@ -447,8 +449,10 @@ class _Payload:
 
     __slots__ = ("buffer", "count", "dtype", "filled", "nbytes", "seq", "shape", "view")
 
-    def __init__(self, header: dict[str, Any], nbytes: int, index: int) -> None:
-        self.seq = _seq(header, index)
+    def __init__(
+        self, header: dict[str, Any], nbytes: int, index: int, seq_optional: bool = False
+    ) -> None:
+        self.seq = _seq(header, index, seq_optional)
         if "dtype" in header:
             self.dtype, self.shape, self.count = _array_layout(header, nbytes, index)
         else:
@@ -510,12 +514,16 @@ class FrameDecoder:
         max_frame_size: largest accepted frame in bytes; a frame announcing more is
             refused (`FrameTooLarge`) before its payload is buffered.
         max_text_size: longest accepted string (an error's message or traceback, say).
+        seq_optional: a frame may leave out `seq` (upload bodies, DESIGN.md §5); it
+            decodes with `seq == -1`.
     """
 
     def __init__(
         self,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         max_text_size: int = DEFAULT_MAX_TEXT_SIZE,
+        *,
+        seq_optional: bool = False,
     ) -> None:
         if max_frame_size < 1:
             raise ValueError("max_frame_size must be positive")
@@ -523,6 +531,7 @@ class FrameDecoder:
             raise ValueError("max_text_size must be positive")
         self.max_frame_size = max_frame_size
         self.max_text_size = max_text_size
+        self.seq_optional = seq_optional
         #: frames completed so far (heartbeats included): the index of the next frame
         self.frame_index = 0
         self._ready: deque[Frame] = deque()
@@ -756,7 +765,7 @@ class FrameDecoder:
             self._partial = bytearray()
             return
         try:
-            payload = _Payload(header, nbytes, self.frame_index)
+            payload = _Payload(header, nbytes, self.frame_index, self.seq_optional)
         except ProtocolError as exc:
             self._fail(exc)
             return
@@ -819,7 +828,7 @@ class FrameDecoder:
                     frame_index=index,
                     key="data",
                 )
-            seq = _seq(obj, index)
+            seq = _seq(obj, index, self.seq_optional)
             if len(obj) > 3 + 2 * ("dtype" in obj) + ("count" in obj):
                 _check_extras(obj, index)
             if "dtype" not in obj:
@@ -837,10 +846,10 @@ class FrameDecoder:
         if kind == "heartbeat":
             return HeartbeatFrame()
         if kind == "end":
-            return EndFrame(_seq(obj, index))
+            return EndFrame(_seq(obj, index, self.seq_optional))
         if kind == "error":
             return ErrorFrame(
-                seq=_seq(obj, index),
+                seq=_seq(obj, index, self.seq_optional),
                 origin=_field(obj, "origin", str, index),
                 type=_field(obj, "type", str, index),
                 message=_field(obj, "message", str, index),

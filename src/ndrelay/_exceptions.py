@@ -15,6 +15,9 @@ NDRelayError
 │  ├─ StreamClosed           409: upload to a finished stream; a stream deleted or shut down
 │  ├─ StreamConflict         409: create with a different definition
 │  ├─ SchemaMismatch         422: dtype/shape against the stream's declared schema
+│  ├─ ConsumerNotFound       404: an ack for a consumer id the stream does not know (.consumer)
+│  ├─ AckConflict            409: an ack of a seq never delivered to that consumer (.seq)
+│  ├─ SeqGap                 409: a producer's frame skipped ahead (.expected_seq)
 │  ├─ RemoteError            an `error` frame arrived; also subclasses the matching builtin
 │  │                         (a relay-origin one: the ndrelay class it names, e.g. StreamClosed)
 │  └─ UploadRefused          the relay refused a frame of an upload (.frame_index, .accepted)
@@ -33,8 +36,10 @@ import builtins
 from typing import Any
 
 __all__ = [
+    "AckConflict",
     "AuthError",
     "ConnectError",
+    "ConsumerNotFound",
     "FrameTooLarge",
     "LocalProtocolError",
     "NDRelayError",
@@ -44,6 +49,7 @@ __all__ = [
     "RemoteError",
     "RemoteProtocolError",
     "SchemaMismatch",
+    "SeqGap",
     "StreamClosed",
     "StreamConflict",
     "StreamError",
@@ -167,6 +173,68 @@ class SchemaMismatch(StreamError):
     """An array does not match the stream's declared dtype/shape."""
 
     status_hint = 422
+
+
+class ConsumerNotFound(StreamError):
+    """No consumer of that id on the stream (never connected, or its lease ran out).
+
+    Attributes:
+        consumer: the consumer id.
+    """
+
+    status_hint = 404
+
+    def __init__(
+        self, message: str, *, consumer: str | None = None, stream_name: str | None = None
+    ) -> None:
+        super().__init__(message, stream_name=stream_name)
+        self.consumer = consumer
+
+
+class AckConflict(StreamError):
+    """An acknowledgement of a seq that is not pending for that consumer.
+
+    Attributes:
+        consumer: the consumer id.
+        seq: the seq acknowledged.
+    """
+
+    status_hint = 409
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        consumer: str | None = None,
+        seq: int | None = None,
+        stream_name: str | None = None,
+    ) -> None:
+        super().__init__(message, stream_name=stream_name)
+        self.consumer = consumer
+        self.seq = seq
+
+
+class SeqGap(StreamError):
+    """A producer's data frame is numbered beyond the seq the relay expects from it.
+
+    Attributes:
+        producer: the producer id.
+        expected_seq: the seq the relay expects next from that producer.
+    """
+
+    status_hint = 409
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        producer: str | None = None,
+        expected_seq: int | None = None,
+        stream_name: str | None = None,
+    ) -> None:
+        super().__init__(message, stream_name=stream_name)
+        self.producer = producer
+        self.expected_seq = expected_seq
 
 
 class UploadRefused(StreamError):

@@ -358,15 +358,15 @@ def test_latest(http):
 def test_upload_appends_then_end_finishes(http):
     r = upload(http, "u", data(0, arr(0)), data(1, arr(1)))
     assert r.status_code == 200
-    assert r.json() == {"accepted": 2, "items": 2, "next_seq": 2}
+    assert r.json() == {"accepted": 2, "items": 2, "next_seq": 2, "duplicates": 0}
     st = info(http, "u")
     assert (st["state"], st["produced"], st["mode"], st["size"]) == ("open", 2, "queue", 64)
 
     r = upload(http, "u", data(2, b"raw bytes"), data(3, arr(3)))
-    assert r.json() == {"accepted": 2, "items": 2, "next_seq": 4}
+    assert r.json() == {"accepted": 2, "items": 2, "next_seq": 4, "duplicates": 0}
     r = upload(http, "u", end(4))
     assert r.status_code == 200
-    assert r.json() == {"accepted": 1, "items": 0, "next_seq": 4}
+    assert r.json() == {"accepted": 1, "items": 0, "next_seq": 4, "duplicates": 0}
     assert info(http, "u")["state"] == "ended"
 
     r = upload(http, "u", data(4, arr(4)))
@@ -393,7 +393,7 @@ def test_upload_frames_after_end_in_same_body(http):
 def test_upload_empty_body_creates_open_stream(http):
     r = upload(http, "e")
     assert r.status_code == 200
-    assert r.json() == {"accepted": 0, "items": 0, "next_seq": 0}
+    assert r.json() == {"accepted": 0, "items": 0, "next_seq": 0, "duplicates": 0}
     assert info(http, "e")["state"] == "open"
 
 
@@ -477,7 +477,7 @@ def _check_bad_frame(http: httpx.Client, name: str, bad: bytes, key: str | None)
     # the stream stays usable: a further upload appends, from seq 3
     r = upload(http, name, data(3, _GOOD + 3), end(4))
     assert r.status_code == 200
-    assert r.json() == {"accepted": 2, "items": 1, "next_seq": 4}
+    assert r.json() == {"accepted": 2, "items": 1, "next_seq": 4, "duplicates": 0}
     frames = read_all(http, name)
     assert [f.seq for f in data_frames(frames)] == [0, 1, 2, 3]
     for f in data_frames(frames):
@@ -566,7 +566,7 @@ def test_upload_batched_frames(http):
     stacked = np.stack([arr(i) for i in range(5)])
     r = upload(http, "bt", data(0, stacked, count=5), data(5, arr(5)), end(6))
     assert r.status_code == 200
-    assert r.json() == {"accepted": 3, "items": 6, "next_seq": 6}
+    assert r.json() == {"accepted": 3, "items": 6, "next_seq": 6, "duplicates": 0}
     frames = read_all(http, "bt")
     items = data_frames(frames)
     assert [f.seq for f in items] == list(range(6))
@@ -660,7 +660,7 @@ def _check_disconnect(server: Any, http: httpx.Client, name: str, cut_inside_fra
     # still consistent: later uploads append from seq 2, and every frame reads back
     r = upload(http, name, frames[2], end(3))
     assert r.status_code == 200
-    assert r.json() == {"accepted": 2, "items": 1, "next_seq": 3}
+    assert r.json() == {"accepted": 2, "items": 1, "next_seq": 3, "duplicates": 0}
     got = read_all(http, name)
     assert [f.seq for f in data_frames(got)] == [0, 1, 2]
     for f in data_frames(got):
@@ -694,7 +694,12 @@ def test_chunked_upload_over_raw_socket(server, http):
             assert chunk, answer
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 200")
-    assert json.loads(answer.split(b"\r\n\r\n", 1)[1]) == {"accepted": 2, "items": 1, "next_seq": 1}
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1]) == {
+        "accepted": 2,
+        "items": 1,
+        "next_seq": 1,
+        "duplicates": 0,
+    }
 
 
 # -- consumers -----------------------------------------------------------------------------

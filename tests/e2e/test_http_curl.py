@@ -221,7 +221,12 @@ def test_push_a_file_of_frames_and_read_it_back(serve, tmp_path):
 
     status, body, rc = curl("--data-binary", f"@{path}", url)
     assert (status, rc) == (200, 0), body
-    assert json.loads(body) == {"accepted": len(items) + 1, "items": len(items), "next_seq": 5}
+    assert json.loads(body) == {
+        "accepted": len(items) + 1,
+        "items": len(items),
+        "next_seq": 5,
+        "duplicates": 0,
+    }
 
     # back as msgpack, byte for byte the same items
     out = tmp_path / "back.msgpack"

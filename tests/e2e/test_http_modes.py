@@ -210,7 +210,7 @@ def test_queue_three_consumers_share_every_item_once(server, http, readers):
     # one upload of 3000 frames: the relay holds it while the buffer is full
     r = http.post("/streams/q", content=small_frames(n) + encode_frame(EndFrame(n)))
     assert r.status_code == 200
-    assert r.json() == {"accepted": n + 1, "items": n, "next_seq": n}
+    assert r.json() == {"accepted": n + 1, "items": n, "next_seq": n, "duplicates": 0}
 
     seen: list[int] = []
     for reader in group:
@@ -292,7 +292,7 @@ def test_fanout_without_consumers_never_waits(server, http):
     `size` items (for /latest), and a consumer joins at the head."""
     assert http.put("/streams/nc", json={"size": 4, "mode": "fanout"}).status_code == 201
     r = http.post("/streams/nc", content=small_frames(100))
-    assert r.json() == {"accepted": 100, "items": 100, "next_seq": 100}
+    assert r.json() == {"accepted": 100, "items": 100, "next_seq": 100, "duplicates": 0}
     st = info(http, "nc")
     assert (st["produced"], st["depth"], st["dropped"]) == (100, 4, 0)
     latest = FrameDecoder()
@@ -496,7 +496,7 @@ def test_bounded_in_items(server, http):
         thread.join(WAIT)
     assert not thread.is_alive()
     assert result[0].status_code == 200
-    assert result[0].json() == {"accepted": n + 1, "items": n, "next_seq": n}
+    assert result[0].json() == {"accepted": n + 1, "items": n, "next_seq": n, "duplicates": 0}
     assert [f.seq for f in frames if isinstance(f, DataFrame)] == list(range(n))
     assert frames[-1] == EndFrame(n)
 

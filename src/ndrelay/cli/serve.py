@@ -128,6 +128,13 @@ def _size(text: str | None, what: str) -> int | None:
     help="Seconds between heartbeats on idle streams [default: 15].",
 )
 @click.option(
+    "--lease",
+    type=float,
+    envvar="NDRELAY_LEASE",
+    help="Seconds a departed queue consumer's unacknowledged items wait for it to "
+    "reconnect before they go back to the queue [default: 10].",
+)
+@click.option(
     "--cors-origin",
     "cors_origins",
     multiple=True,
@@ -162,6 +169,7 @@ def serve(
     max_streams: int | None,
     max_memory: int | None,
     heartbeat: float | None,
+    lease: float | None,
     cors_origins: tuple[str, ...],
     shutdown_timeout: float,
     log_level: str,
@@ -185,6 +193,10 @@ def serve(
         settings.max_memory = max_memory
     if heartbeat is not None:
         settings.heartbeat_interval = heartbeat
+    if lease is not None:
+        if not 0 <= lease <= 86400:
+            raise click.BadParameter("must be from 0 to 86400 seconds", param_hint="--lease")
+        settings.lease = lease
     if cors_origins:
         settings.cors_origins = list(cors_origins)
     for origin in settings.cors_origins:

@@ -1,10 +1,21 @@
 """Registries of named streams: the interface and its backends."""
 
-from ._base import NAME_PATTERN, POLICIES, Consumer, Registry, Stream, StreamSpec, check_name
+from ._base import (
+    CONSUMER_PATTERN,
+    NAME_PATTERN,
+    POLICIES,
+    Consumer,
+    Registry,
+    Stream,
+    StreamSpec,
+    check_name,
+)
 from ._budget import MemoryBudget
-from .memory import Block, MemoryConsumer, MemoryRegistry, MemoryStream
+from .memory import DEFAULT_LEASE, Block, MemoryConsumer, MemoryRegistry, MemoryStream
 
 __all__ = [
+    "CONSUMER_PATTERN",
+    "DEFAULT_LEASE",
     "NAME_PATTERN",
     "POLICIES",
     "Block",

@@ -14,6 +14,7 @@ from .._frames import Frame
 from ._budget import MemoryBudget
 
 __all__ = [
+    "CONSUMER_PATTERN",
     "NAME_PATTERN",
     "POLICIES",
     "Consumer",
@@ -25,6 +26,8 @@ __all__ = [
 
 #: Valid stream names (DESIGN.md §3).
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+#: Valid consumer and producer ids (DESIGN.md §5).
+CONSUMER_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 #: Slow-consumer policies of fanout streams (DESIGN.md §4).
 POLICIES = ("block", "drop_oldest", "latest")
 
@@ -84,7 +87,17 @@ class StreamSpec:
 
 
 class Consumer(Protocol):
-    """One reader of a stream; it holds a consumer slot until closed."""
+    """One connection of a reader of a stream; it holds a consumer slot until closed.
+
+    In queue mode what `take` returns is *pending* for the consumer id until the stream's
+    `ack` acknowledges it; when the connection closes, its pending items wait for the id
+    to come back for the lease, then return to the front of the queue (DESIGN.md §5).
+    """
+
+    #: the consumer id (the client's, or one the relay assigned)
+    id: str
+    #: acknowledge items once written (a reader that cannot acknowledge, e.g. curl)
+    auto_ack: bool
 
     def take(
         self, max_items: int, max_bytes: int = 1 << 62
@@ -98,8 +111,12 @@ class Consumer(Protocol):
         """Return once `take` may have something (cancellable)."""
         ...
 
+    async def ack_written(self, upto: int) -> None:
+        """For an `auto_ack` consumer: the items up to seq `upto` reached the connection."""
+        ...
+
     def close(self) -> None:
-        """Release the slot; idempotent."""
+        """End this connection (its pending items start their lease); idempotent."""
         ...
 
 
@@ -141,7 +158,39 @@ class Stream(Protocol):
         """Finish with an `EndFrame` or `ErrorFrame` (sticky for every consumer)."""
         ...
 
-    def open_consumer(self, policy: str = "block") -> Consumer: ...
+    def open_consumer(
+        self,
+        policy: str = "block",
+        *,
+        consumer: str | None = None,
+        after: int | None = None,
+        lease: float | None = None,
+        auto_ack: bool | None = None,
+    ) -> Consumer:
+        """A connection of consumer `consumer` (assigned if `None`), resuming after seq
+        `after`; a newer connection of the same id supersedes an older one."""
+        ...
+
+    async def ack(self, consumer: str, upto: int | None, release: bool = False) -> dict[str, int]:
+        """Acknowledge `consumer`'s items delivered up to seq `upto`; `release` gives the
+        rest back at once. `{"acked", "released", "pending"}`; raises `ConsumerNotFound`,
+        `AckConflict`."""
+        ...
+
+    async def claim_producer(self, producer: str) -> tuple[int, int]:
+        """Start an upload of `producer`: `(claim, next seq expected from it)`."""
+        ...
+
+    async def producer_position(self, producer: str) -> int:
+        """The next seq expected from `producer` (0 for a new one)."""
+        ...
+
+    def offer_seq(
+        self, producer: str, claim: int, pairs: Sequence[tuple[int, Any]]
+    ) -> tuple[list[tuple[int, Any]], asyncio.Future[None] | None, int]:
+        """`offer` of `(producer seq, item)` pairs: duplicates skipped (counted), a gap
+        raises `SeqGap`; returns `(rest, future, duplicates)`."""
+        ...
 
     def producing(self) -> AbstractContextManager[None]:
         """Count a producer while the `with` block runs (shown in `info()`)."""

@@ -9,10 +9,12 @@ on futures that the other side resolves with `call_soon_threadsafe`.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import math
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -20,18 +22,25 @@ import numpy as np
 
 from .._codec import check_dtype
 from .._exceptions import (
+    AckConflict,
+    ConsumerNotFound,
     LocalProtocolError,
     RegistryError,
     SchemaMismatch,
+    SeqGap,
     StreamClosed,
     StreamConflict,
     StreamNotFound,
 )
 from .._frames import EndFrame, ErrorFrame, Frame
-from ._base import POLICIES, StreamSpec, check_name
+from ._base import CONSUMER_PATTERN, POLICIES, StreamSpec, check_name
 from ._budget import MemoryBudget
+from ._delivery import ConsumerRecord, Entry, entry_count
 
-__all__ = ["Block", "MemoryConsumer", "MemoryRegistry", "MemoryStream"]
+#: Lease of a departed consumer's pending items when nobody says otherwise (seconds).
+DEFAULT_LEASE = 10.0
+
+__all__ = ["DEFAULT_LEASE", "Block", "MemoryConsumer", "MemoryRegistry", "MemoryStream"]
 
 
 class Block:
@@ -101,11 +110,21 @@ class MemoryStream:
     With a `budget`, the bytes it holds also count against the relay-wide bound.
     """
 
-    def __init__(self, name: str, spec: StreamSpec, budget: MemoryBudget | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        spec: StreamSpec,
+        budget: MemoryBudget | None = None,
+        *,
+        lease: float = DEFAULT_LEASE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.name = name
         self.spec = spec
         self._budget = budget
         self._ticket: int | None = None  # set when the budget refused the last item
+        self.lease = lease
+        self._clock = clock
         self.created = time.time()
         self._lock = threading.Lock()
         self._space = threading.Condition(self._lock)  # producer threads wait here
@@ -121,9 +140,22 @@ class MemoryStream:
         self._terminal: EndFrame | ErrorFrame | None = None
         self._aborted = False  # deleted/shut down: consumers stop at once
         self._consumers: set[MemoryConsumer] = set()
+        # queue mode: acknowledged delivery (pending items still count in _depth/_bytes)
+        self._records: dict[str, ConsumerRecord] = {}
+        self._pending_items = 0
+        self._pending_bytes = 0
+        self._next_expiry = math.inf  # earliest lease end of a departed consumer
+        self._fanout_ids: dict[str, MemoryConsumer] = {}
+        # idempotent uploads: per producer id, the next seq expected and the newest claim
+        self._producer_next: dict[str, int] = {}
+        self._producer_claims: dict[str, int] = {}
+        self._assigned = 0
         self.consumed = 0
         self.dropped = 0
         self.producers = 0
+        self.acked = 0
+        self.redelivered = 0
+        self.expired = 0
         self._dtype = np.dtype(spec.dtype) if spec.dtype is not None else None
         self._checked: set[tuple[np.dtype[Any], tuple[int, ...]]] = set()  # layouts let in
 
@@ -174,7 +206,7 @@ class MemoryStream:
         if self._terminal is not None:
             raise self._closed()
         items = self._items
-        if not items or (
+        if not self._depth or (  # one item always fits into an empty buffer
             self._depth + n <= self.spec.size and self._bytes + nbytes <= self.spec.max_bytes
         ):
             return self._reserve(nbytes)
@@ -395,6 +427,9 @@ class MemoryStream:
             self._items.clear()
             if self._budget is not None:
                 self._budget.release(self._bytes)
+            self._records.clear()
+            self._pending_items = self._pending_bytes = 0
+            self._next_expiry = math.inf
             self._bytes = 0
             self._depth = 0
             self._wake_all()
@@ -419,26 +454,281 @@ class MemoryStream:
     def finished(self) -> bool:
         return self._terminal is not None
 
+    # -- idempotent uploads ----------------------------------------------------------
+
+    async def claim_producer(self, producer: str) -> tuple[int, int]:
+        """Start an upload as `producer`: `(claim, next seq expected from it)`. A newer
+        claim supersedes an older upload of the same id (a retry after a cut)."""
+        if not CONSUMER_PATTERN.fullmatch(producer):
+            raise ValueError(
+                f"invalid producer id {producer[:80]!r}: use 1-64 of A-Z a-z 0-9 . _ -"
+            )
+        with self._lock:
+            claim = self._producer_claims.get(producer, 0) + 1
+            self._producer_claims[producer] = claim
+            self._space_waiters.wake()  # a superseded upload waiting for room stops
+            return claim, self._producer_next.get(producer, 0)
+
+    async def producer_position(self, producer: str) -> int:
+        """The next seq expected from `producer` (0 for a new one)."""
+        with self._lock:
+            return self._producer_next.get(producer, 0)
+
+    def offer_seq(
+        self, producer: str, claim: int, pairs: Sequence[tuple[int, Any]]
+    ) -> tuple[list[tuple[int, Any]], asyncio.Future[None] | None, int]:
+        """`offer` for a named producer: `pairs` are `(producer seq, item)`.
+
+        An item below the seq expected from `producer` is a duplicate and skipped (the
+        part of a `Block` below it too); one above it raises `SeqGap` (with `.index`, its
+        position in `pairs`). The expected seq advances exactly as items are placed, so
+        an upload cut at any point resumes without loss or duplicate.
+
+        Returns what is left, a future to await before offering it again (or `None`),
+        and how many items were skipped as duplicates.
+        """
+        dups = 0
+        with self._lock:
+            if self._producer_claims.get(producer) != claim:
+                raise StreamClosed(
+                    f"a newer upload of producer {producer!r} took over", stream_name=self.name
+                )
+            expected = self._producer_next.get(producer, 0)
+            try:
+                for i, (pseq, item) in enumerate(pairs):
+                    if pseq < 0:
+                        pseq = expected  # numbered by the relay
+                    n = len(item.array) if type(item) is Block else 1
+                    if pseq + n <= expected:
+                        dups += n
+                        continue
+                    if pseq < expected:  # a Block straddling the expected seq
+                        skip = expected - pseq
+                        item = Block(item.array[skip:])
+                        dups += skip
+                        pseq, n = expected, n - skip
+                    if pseq > expected:
+                        gap = SeqGap(
+                            f"producer {producer!r} sent seq {pseq}; the relay expects "
+                            f"seq {expected} from it next",
+                            producer=producer,
+                            expected_seq=expected,
+                            stream_name=self.name,
+                        )
+                        gap.index = i  # type: ignore[attr-defined]
+                        raise gap
+                    rest = self._place(item)
+                    placed = n if rest is None else n - len(rest.array)
+                    expected += placed
+                    if rest is not None:
+                        return (
+                            [(expected, rest), *pairs[i + 1 :]],
+                            self._space_waiters.add(),
+                            dups,
+                        )
+                return [], None, dups
+            finally:
+                self._producer_next[producer] = expected
+                self._data_waiters.wake()
+
     # -- consumer side ---------------------------------------------------------------
 
-    def open_consumer(self, policy: str = "block") -> MemoryConsumer:
+    def open_consumer(
+        self,
+        policy: str = "block",
+        *,
+        consumer: str | None = None,
+        after: int | None = None,
+        lease: float | None = None,
+        auto_ack: bool | None = None,
+    ) -> MemoryConsumer:
+        """A connection of a consumer.
+
+        Args:
+            policy: fanout: what happens when it falls behind.
+            consumer: its id (1-64 of `A-Za-z0-9._-`); `None`: the relay assigns one.
+            after: the last seq the consumer already has. Queue mode: pending items
+                delivered after it are sent again first; fanout: replay from `after + 1`.
+            lease: queue mode: seconds its pending items wait for it once its connection
+                ends (default: the stream's lease).
+            auto_ack: acknowledge items once written to the connection (default: only
+                when the relay assigned the id, since such a reader cannot acknowledge).
+        """
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        if consumer is not None and not CONSUMER_PATTERN.fullmatch(consumer):
+            raise ValueError(
+                f"invalid consumer id {consumer[:80]!r}: use 1-64 of A-Z a-z 0-9 . _ -"
+            )
+        if lease is not None and not (0 <= lease <= 86400):
+            raise ValueError(f"lease must be from 0 to 86400 seconds, got {lease!r}")
+        if after is not None and after < -1:
+            raise ValueError(f"after must be a seq (-1 or more), got {after!r}")
         with self._lock:
-            consumer = MemoryConsumer(self, policy, self._next_seq)
-            self._consumers.add(consumer)
-            return consumer
+            if consumer is None:
+                self._assigned += 1
+                consumer = f"c{self._assigned}-{id(self) % 100000:05d}"
+                if auto_ack is None:
+                    auto_ack = True
+            handle = MemoryConsumer(self, policy, self._next_seq, consumer, bool(auto_ack))
+            if self.spec.mode == "queue":
+                self._expire_due()
+                record = self._records.get(consumer)
+                if record is None:
+                    record = ConsumerRecord(consumer, self.lease if lease is None else lease)
+                    self._records[consumer] = record
+                elif lease is not None:
+                    record.lease = lease
+                old = record.conn
+                if old is not None:
+                    old.superseded = True
+                    self._consumers.discard(old)
+                record.attach(handle, after)
+                handle.record = record
+                self._data_waiters.wake()  # a superseded connection stops
+            else:
+                if after is not None:
+                    handle.cursor = min(after + 1, self._next_seq)
+                old = self._fanout_ids.get(consumer)
+                if old is not None:
+                    old.superseded = True
+                    self._consumers.discard(old)
+                    self._data_waiters.wake()
+                self._fanout_ids[consumer] = handle
+            self._consumers.add(handle)
+            return handle
+
+    async def ack(self, consumer: str, upto: int | None, release: bool = False) -> dict[str, int]:
+        """Acknowledge `consumer`'s pending items delivered up to seq `upto` (`None` or -1:
+        none); with `release`, give back the rest (to the front of the queue, at once)
+        and end its connection, if any.
+
+        Returns `{"acked": n, "released": m, "pending": k}`.
+
+        Raises:
+            ConsumerNotFound: no such consumer on this stream (or its lease ran out).
+            AckConflict: `upto` was never delivered to it (or was given back).
+            StreamClosed: a fanout stream (nothing to acknowledge: resume with `after`).
+        """
+        return self.ack_now(consumer, upto, release)
+
+    def ack_now(self, consumer: str, upto: int | None, release: bool = False) -> dict[str, int]:
+        """`ack` without an event loop (in-process callers and tests)."""
+        if self.spec.mode != "queue":
+            raise StreamClosed(
+                f"stream {self.name!r} is a fanout stream: there is nothing to acknowledge "
+                "(resume with after=<seq>)",
+                stream_name=self.name,
+            )
+        with self._lock:
+            self._expire_due()
+            record = self._records.get(consumer)
+            if record is None:
+                raise ConsumerNotFound(
+                    f"stream {self.name!r} has no consumer {consumer!r} (never connected, "
+                    "released, or its lease ran out)",
+                    consumer=consumer,
+                    stream_name=self.name,
+                )
+            done = record.ack(upto) if upto is not None and upto >= 0 else []
+            count = nbytes = 0
+            for entry in done:
+                count += entry_count(entry)
+                nbytes += entry[2]
+            self._depth -= count
+            self._bytes -= nbytes
+            if self._budget is not None:
+                self._budget.release(nbytes)
+            self._pending_items -= count
+            self._pending_bytes -= nbytes
+            self.acked += count
+            released = 0
+            if release:
+                entries = record.release()
+                released = sum(entry_count(e) for e in entries)
+                self._requeue(entries)
+                conn, record.conn = record.conn, None
+                if conn is not None:
+                    conn.superseded = True
+                    self._consumers.discard(conn)
+            pending = record.pending_items
+            if record.conn is None and not record.pending:
+                del self._records[consumer]
+            if count:
+                self._space_freed()
+            if released or count and not self._pending_items:
+                self._data_waiters.wake()  # items back, or the end may go out now
+            return {"acked": count, "released": released, "pending": pending}
+
+    def _requeue(self, entries: list[Entry]) -> None:
+        """Put pending entries back at the front of the queue, in seq order (lock held)."""
+        if not entries:
+            return
+        for entry in entries:
+            self._pending_items -= entry_count(entry)
+            self._pending_bytes -= entry[2]
+        entries.sort(key=_first)
+        items = self._items
+        if not items or entries[-1][0] < items[0][0]:
+            items.extendleft(reversed(entries))
+        else:
+            self._items = deque(heapq.merge(entries, items, key=_first))
+        self._data_waiters.wake()
+
+    def _expire_due(self) -> None:
+        """Return the pending items of departed consumers whose lease ran out (lock held)."""
+        if self._next_expiry == math.inf:
+            return
+        now = self._clock()
+        if now < self._next_expiry:
+            return
+        soonest = math.inf
+        for record in list(self._records.values()):
+            if record.conn is not None or record.expires is None:
+                continue
+            if record.expires <= now:
+                entries = record.release()
+                self.expired += sum(entry_count(e) for e in entries)
+                self._requeue(entries)
+                del self._records[record.id]
+            else:
+                soonest = min(soonest, record.expires)
+        self._next_expiry = soonest
+
+    def expire(self) -> None:
+        """Return the pending items of departed consumers whose lease ran out now."""
+        with self._lock:
+            self._expire_due()
 
     def _release(self, consumer: MemoryConsumer) -> None:
         with self._lock:
             self._consumers.discard(consumer)
+            if self._fanout_ids.get(consumer.id) is consumer:
+                del self._fanout_ids[consumer.id]
+            record = consumer.record
+            if record is not None and record.conn is consumer:
+                record.conn = None
+                if record.pending:
+                    record.expires = self._clock() + record.lease
+                    self._next_expiry = min(self._next_expiry, record.expires)
+                    if record.lease <= 0:
+                        self._expire_due()
+                else:
+                    del self._records[record.id]
             # a departed `block` consumer may have been what held the producer
             self._space_freed()
+
+    def _seconds_to_expiry(self) -> float | None:
+        """How long until the next lease ends (lock held), `None` if none runs."""
+        if self._next_expiry == math.inf:
+            return None
+        return max(0.0, self._next_expiry - self._clock())
 
     # -- state -----------------------------------------------------------------------
 
     def info(self) -> dict[str, Any]:
         with self._lock:
+            self._expire_due()
             terminal = self._terminal
             state = (
                 "open"
@@ -451,15 +741,26 @@ class MemoryStream:
                 "name": self.name,
                 **self.spec.as_json(),
                 "state": state,
-                "depth": self._depth,
+                "depth": self._depth - self._pending_items,
+                "pending": self._pending_items,
                 "produced": self._next_seq,
                 "produced_bytes": self._produced_bytes,
                 "consumed": self.consumed,
+                "acked": self.acked,
+                "redelivered": self.redelivered,
                 "dropped": self.dropped,
                 "bytes": self._bytes,
                 "producers": self.producers,
                 "consumers": len(self._consumers),
             }
+
+    def pending_of(self, consumer: str) -> list[int]:
+        """The seqs pending for `consumer`, in delivery order (for tests and tools)."""
+        with self._lock:
+            record = self._records.get(consumer)
+            if record is None:
+                return []
+            return [e[0] + i for e in record.pending for i in range(entry_count(e))]
 
     def latest(self) -> tuple[int, Any] | None:
         """The newest buffered item, without consuming it."""
@@ -476,15 +777,39 @@ def _fields(frame: EndFrame | ErrorFrame) -> dict[str, Any]:
     return {name: getattr(frame, name) for name in frame.__dataclass_fields__}
 
 
-class MemoryConsumer:
-    """A reader of a `MemoryStream` (see `registry.Consumer`)."""
+def _first(entry: Entry) -> int:
+    return entry[0]
 
-    def __init__(self, stream: MemoryStream, policy: str, cursor: int) -> None:
+
+class MemoryConsumer:
+    """One connection of a consumer of a `MemoryStream` (see `registry.Consumer`).
+
+    Attributes:
+        id: the consumer id (given by the client, or assigned by the relay).
+        auto_ack: items are acknowledged once written (readers that cannot acknowledge).
+        superseded: a newer connection took this consumer id over (or it was released).
+    """
+
+    def __init__(
+        self, stream: MemoryStream, policy: str, cursor: int, consumer: str, auto_ack: bool
+    ) -> None:
         self.stream = stream
         self.policy = policy
         self.cursor = cursor  # fanout: next seq to deliver
+        self.id = consumer
+        self.auto_ack = auto_ack
+        self.record: ConsumerRecord | None = None
         self.dropped = 0
         self.closed = False
+        self.superseded = False
+
+    def _superseded_frame(self) -> ErrorFrame:
+        return ErrorFrame(
+            seq=self.stream._next_seq,
+            origin="relay",
+            type="StreamClosed",
+            message=f"consumer {self.id!r} was released or connected again elsewhere",
+        )
 
     def take(
         self, max_items: int, max_bytes: int = 1 << 62
@@ -493,13 +818,26 @@ class MemoryConsumer:
         with s._lock:
             if s._aborted:
                 return s._terminal
+            if self.superseded:
+                return self._superseded_frame()
             items = s._items
             if s.spec.mode == "queue":
-                if not items:
-                    return s._terminal
+                s._expire_due()
+                items = s._items
+                record = self.record
+                assert record is not None
                 out = []
                 taken = count = 0
-                freed = s._bytes
+                while count < max_items and taken < max_bytes:
+                    entry = record.to_send()  # what an earlier connection did not get
+                    if entry is None:
+                        break
+                    n = entry_count(entry)
+                    out.append((entry[0], entry[1]))
+                    taken += entry[2]
+                    count += n
+                    s.redelivered += n
+                fresh = 0
                 while items and count < max_items and taken < max_bytes:
                     seq, item, nbytes = items[0]
                     if type(item) is Block:
@@ -514,60 +852,88 @@ class MemoryConsumer:
                     else:
                         n = 1
                         items.popleft()
-                    s._bytes -= nbytes
-                    s._depth -= n
+                    record.deliver((seq, item, nbytes))
+                    s._pending_bytes += nbytes
                     out.append((seq, item))
                     taken += nbytes
                     count += n
-                s.consumed += count
-                if s._budget is not None:
-                    s._budget.release(freed - s._bytes)
-            else:
-                if not items or self.cursor > items[-1][0]:
-                    return s._terminal
-                first = items[0][0]
-                if self.cursor < first:  # evicted while we lagged
-                    self.dropped += first - self.cursor
-                    s.dropped += first - self.cursor
-                    self.cursor = first
-                if self.policy == "latest" and self.cursor < items[-1][0]:
-                    skipped = items[-1][0] - self.cursor
-                    self.dropped += skipped
-                    s.dropped += skipped
-                    self.cursor = items[-1][0]
-                start = self.cursor - first
-                stop = min(len(items), start + max_items)
-                out = []
-                taken = 0
-                for i in range(start, stop):
-                    seq, item, nbytes = items[i]
-                    out.append((seq, item))
-                    taken += nbytes
-                    if taken >= max_bytes:
-                        break
-                self.cursor = out[-1][0] + 1
-                s.consumed += len(out)
+                    fresh += n
+                s._pending_items += fresh
+                s.consumed += fresh
+                if not out:
+                    # the end goes out once nothing is queued or pending anywhere: a
+                    # pending item may still come back (released, or its lease ran out)
+                    return s._terminal if not s._pending_items else None
+                return out
+            if not items or self.cursor > items[-1][0]:
+                return s._terminal
+            first = items[0][0]
+            if self.cursor < first:  # evicted while we lagged
+                self.dropped += first - self.cursor
+                s.dropped += first - self.cursor
+                self.cursor = first
+            if self.policy == "latest" and self.cursor < items[-1][0]:
+                skipped = items[-1][0] - self.cursor
+                self.dropped += skipped
+                s.dropped += skipped
+                self.cursor = items[-1][0]
+            start = self.cursor - first
+            stop = min(len(items), start + max_items)
+            out = []
+            taken = 0
+            for i in range(start, stop):
+                seq, item, nbytes = items[i]
+                out.append((seq, item))
+                taken += nbytes
+                if taken >= max_bytes:
+                    break
+            self.cursor = out[-1][0] + 1
+            s.consumed += len(out)
             s._space_freed()
             return out
 
     async def wait(self) -> None:
         s = self.stream
         with s._lock:
-            if s._aborted or s._terminal is not None:
+            if s._aborted or s._terminal is not None and not s._pending_items:
+                return
+            if self.superseded:
                 return
             if s.spec.mode == "queue":
-                if s._items:
+                record = self.record
+                if s._items or (record is not None and record.sent < len(record.pending)):
                     return
-            elif s._items and self.cursor <= s._items[-1][0]:
-                return
+                timeout = s._seconds_to_expiry()
+            else:
+                if s._terminal is not None:
+                    return
+                if s._items and self.cursor <= s._items[-1][0]:
+                    return
+                timeout = None
             fut = s._data_waiters.add()
         try:
-            await fut
+            if timeout is None:
+                await fut
+            else:  # a lease runs out then: its items come back
+                try:
+                    async with asyncio.timeout(timeout + 0.001):
+                        await fut
+                except TimeoutError:
+                    pass
         finally:
             with s._lock:
                 s._data_waiters.discard(fut)
 
+    async def ack_written(self, upto: int) -> None:
+        """Auto-ack: the items up to seq `upto` were written to the connection."""
+        if self.auto_ack and self.record is not None and not self.superseded:
+            try:
+                self.stream.ack_now(self.id, upto)
+            except (ConsumerNotFound, AckConflict, StreamClosed):
+                pass  # released or taken over meanwhile: nothing left to acknowledge
+
     def close(self) -> None:
+        """End this connection: its pending items wait for its id for the lease."""
         if not self.closed:
             self.closed = True
             self.stream._release(self)
@@ -580,11 +946,22 @@ class MemoryRegistry:
         max_streams: most streams at once; creating more raises `RegistryError`.
         max_memory: most payload bytes buffered over all streams together (producers
             wait beyond it); `None`: no relay-wide bound.
+        lease: default seconds a departed queue consumer's pending items wait for it.
+        clock: monotonic time source of the leases (tests pass a fake one).
     """
 
-    def __init__(self, max_streams: int = 1024, max_memory: int | None = None) -> None:
+    def __init__(
+        self,
+        max_streams: int = 1024,
+        max_memory: int | None = None,
+        *,
+        lease: float = DEFAULT_LEASE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.max_streams = max_streams
         self.budget = MemoryBudget(max_memory) if max_memory is not None else None
+        self.lease = lease
+        self._clock = clock
         self._streams: dict[str, MemoryStream] = {}
         self._lock = threading.Lock()
 
@@ -601,7 +978,7 @@ class MemoryRegistry:
                 return existing, False
             if len(self._streams) >= self.max_streams:
                 raise RegistryError(f"too many streams (limit {self.max_streams})")
-            stream = MemoryStream(name, spec, self.budget)
+            stream = MemoryStream(name, spec, self.budget, lease=self.lease, clock=self._clock)
             self._streams[name] = stream
             return stream, True
 

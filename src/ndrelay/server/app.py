@@ -25,10 +25,11 @@ from .._exceptions import (
 from .._frames import DataFrame
 from .._version import __version__
 from ..registry import POLICIES, Registry, Stream, StreamSpec, check_name
+from .ack import AckResponse
 from .apidocs import install_docs
 from .consume import FrameStreamResponse
 from .dashboard import add_dashboard
-from .errors import install_error_handlers
+from .errors import error_body, install_error_handlers
 from .formats import FORMATS, ndjson_line
 from .metrics import metrics_response
 from .rates import RateMeter
@@ -58,6 +59,10 @@ A body that ends without `end` or `error` was cut off. `?format=ndjson` and
 nested lists, bytes as base64 with `"encoding": "base64"`). In SSE, an `error` frame
 is `event: stream-error` (EventSource's own `error` event means a dropped connection).
 """
+
+
+#: `?consumer=` and `?producer=` ids (DESIGN.md §5).
+ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 
 
 def _get_stream(request: Request, name: str) -> Stream:
@@ -224,32 +229,106 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
         format: Literal["msgpack", "ndjson", "sse"] | None = None,
         batch: Annotated[int, Query(ge=1, le=65536)] = 1,
         policy: Literal["block", "drop_oldest", "latest"] = "block",
+        consumer: Annotated[str | None, Query(pattern=ID_PATTERN)] = None,
+        after: Annotated[int | None, Query(ge=-1)] = None,
+        lease: Annotated[float | None, Query(ge=0, le=86400)] = None,
     ) -> Response:
         """Stream the frames of `name` until its `end` or `error` frame.
 
         `format` picks msgpack (default), ndjson or sse (also chosen by `Accept`);
         `batch=N` lets the server stack up to N equal-shaped arrays into one batched
         frame; `policy` is what happens when a fanout consumer falls behind.
+
+        Queue mode: with `consumer=<id>`, every item stays pending for that id until
+        acknowledged (`POST /streams/{name}/ack`); when the connection ends, its pending
+        items wait `lease` seconds (default: the server's `--lease`) for the id to come
+        back, then return to the front of the queue. Coming back with `after=<seq>` (the
+        last seq received) gets the pending items after it first. Without `consumer`, the
+        relay assigns an id and acknowledges each item once it is written. Fanout:
+        `after=<seq>` replays the retained items after it. The response header
+        `ndrelay-consumer` names the id.
         """
         fmt = format or _format_from_accept(request.headers.get("accept", ""))
-        consumer = stream.open_consumer(policy if policy in POLICIES else "block")
-        return FrameStreamResponse(stream, consumer, fmt, batch, the_relay.settings)
+        handle = stream.open_consumer(
+            policy if policy in POLICIES else "block",
+            consumer=consumer,
+            after=after,
+            lease=the_relay.settings.lease if lease is None else lease,
+        )
+        return FrameStreamResponse(stream, handle, fmt, batch, the_relay.settings)
+
+    @app.post(
+        "/streams/{name}/ack",
+        dependencies=auth,
+        tags=["streams"],
+        response_class=JSONResponse,
+        responses={
+            200: {"description": "`{acked, released, pending, acks}`"},
+            400: {"description": "a malformed acknowledgement"},
+            404: {"description": "unknown stream, or unknown consumer (its lease ran out)"},
+            409: {"description": "a seq never delivered to that consumer; a fanout stream"},
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": _ACK_SCHEMA},
+                    "application/x-ndjson": {"schema": {"type": "string"}},
+                },
+            }
+        },
+    )
+    async def ack(stream: StreamDep) -> Response:
+        """Acknowledge a queue consumer's items: `{"consumer": id, "upto": seq}`.
+
+        Acknowledges the items delivered to `consumer` up to and including seq `upto`
+        (in the order they were delivered); `"release": true` also gives back the rest
+        of its pending items at once (to the front of the queue) and ends its connection.
+        The body may hold one acknowledgement per line and keep coming (NDJSON): each is
+        applied as its line arrives; the answer adds them up.
+        """
+        return AckResponse(stream)
 
     @app.post("/streams/{name}", dependencies=auth, tags=["streams"])
-    async def upload(name: str) -> Response:
+    async def upload(
+        name: str, producer: Annotated[str | None, Query(pattern=ID_PATTERN)] = None
+    ) -> Response:
         """Producer upload: the body is frames (`data`…, then optionally `end` or `error`).
 
-        Creates the stream with defaults if missing. Answers `{accepted, items,
-        next_seq}`; on a bad frame, the 4xx names the frame index and the reason, and
-        the frames before it stay accepted.
+        Creates the stream with defaults if missing. `seq` is optional on every frame.
+        Answers `{accepted, items, next_seq, duplicates}`; on a bad frame, the 4xx names
+        the frame index and the reason, and the frames before it stay accepted.
+
+        With `producer=<id>`, the data frames are numbered 0, 1, 2, ... in that
+        producer's own sequence, so a retried upload is safe: frames below the seq the
+        relay expects from it are skipped (`duplicates`), a frame above it is 409 naming
+        `expected_seq`. The answer adds `expected_seq`; an empty body just asks for it.
         """
         stream = registry.get_or_create(check_name(name))
         if stream.finished:
-            raise StreamClosed.finished(name, stream.info()["state"])
-        return UploadResponse(stream, the_relay.settings)
+            exc = StreamClosed.finished(name, stream.info()["state"])
+            if producer is None:
+                raise exc
+            body = error_body(type(exc).__name__, str(exc), stream_name=name)
+            body["producer"] = producer
+            body["expected_seq"] = await stream.producer_position(producer)
+            return JSONResponse(body, status_code=409)
+        return UploadResponse(stream, the_relay.settings, producer)
 
     add_dashboard(app, auth)
     return app
+
+
+_ACK_SCHEMA = {
+    "type": "object",
+    "required": ["consumer"],
+    "additionalProperties": False,
+    "properties": {
+        "consumer": {"type": "string", "pattern": ID_PATTERN},
+        "upto": {"type": ["integer", "null"], "minimum": -1},
+        "release": {"type": "boolean", "default": False},
+    },
+}
 
 
 def _format_from_accept(accept: str) -> str:

@@ -108,7 +108,16 @@ class FrameStreamResponse(Response):
         self.settings = settings
         self.status_code = 200
         self.background = None
-        self.raw_headers = [(b"content-type", FORMATS[fmt].encode()), *_STREAM_HEADERS]
+        spec = stream.spec
+        self.raw_headers = [
+            (b"content-type", FORMATS[fmt].encode()),
+            *_STREAM_HEADERS,
+            # who it is (to resume and acknowledge as), and the window acks keep open
+            (b"ndrelay-consumer", consumer.id.encode()),
+            (b"ndrelay-mode", spec.mode.encode()),
+            (b"ndrelay-size", str(spec.size).encode()),
+            (b"ndrelay-max-bytes", str(spec.max_bytes).encode()),
+        ]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # `VectoredHttpProtocol` (how `ndrelay serve` runs uvicorn) writes the body
@@ -134,6 +143,7 @@ class FrameStreamResponse(Response):
         heartbeat = self.settings.heartbeat_interval
         batch = self.batch
         take = max(4 * batch, 256) if self.fmt == "msgpack" else batch
+        auto_ack = consumer.auto_ack and self.stream.spec.mode == "queue"
         while True:
             got = consumer.take(take, _TAKE_BYTES)
             if got is None:
@@ -147,6 +157,11 @@ class FrameStreamResponse(Response):
                 await self._send_frames(send, [got], last=True)
                 return
             await self._send_frames(send, got)
+            if auto_ack:
+                seq, item = got[-1]
+                await consumer.ack_written(
+                    seq + len(item.array) - 1 if type(item) is Block else seq
+                )
 
     async def _send_frames(self, send: Send, frames: list[Any], last: bool = False) -> None:
         """Write frames, or `(seq, item)` pairs: small ones coalesced into few writes,

@@ -31,7 +31,7 @@ __all__ = ["ErrorBody", "error_body", "install_error_handlers"]
 log = logging.getLogger("ndrelay")
 
 #: Context attributes of ndrelay exceptions that go into the body when set.
-_CONTEXT = ("frame_index", "key", "stream_name")
+_CONTEXT = ("frame_index", "key", "stream_name", "consumer", "seq", "expected_seq")
 
 
 class ErrorBody(BaseModel):

@@ -67,6 +67,16 @@ def _env_size(name: str) -> int:
     return parse_size(value, name)
 
 
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a number of seconds, got {value!r}") from None
+
+
 @dataclass
 class Settings:
     """Server settings; `Settings.from_env()` reads the `NDRELAY_*` environment.
@@ -84,6 +94,9 @@ class Settings:
         cors_origins: origins whose pages may call the relay from a browser
             (`https://viz.example:8443`; `*` for any); none by default.
         public_docs: serve `/docs` and `/openapi.json` without the token.
+        lease: seconds a departed queue consumer's pending (unacknowledged) items wait
+            for its id to reconnect before they go back to the queue (`?lease=` per
+            consumer).
     """
 
     token: str | None = None
@@ -94,6 +107,7 @@ class Settings:
     upload_drain_seconds: float = 10.0
     cors_origins: list[str] = field(default_factory=list)
     public_docs: bool = False
+    lease: float = 10.0
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -102,9 +116,10 @@ class Settings:
             max_frame_bytes=_env_int("NDRELAY_MAX_FRAME_BYTES", DEFAULT_MAX_FRAME_SIZE),
             max_streams=_env_int("NDRELAY_MAX_STREAMS", 1024),
             max_memory=_env_size("NDRELAY_MAX_MEMORY"),
-            heartbeat_interval=float(os.environ.get("NDRELAY_HEARTBEAT", "15") or 15),
+            heartbeat_interval=_env_float("NDRELAY_HEARTBEAT", 15.0),
             cors_origins=_env_list("NDRELAY_CORS_ORIGINS"),
             public_docs=_env_flag("NDRELAY_PUBLIC_DOCS"),
+            lease=_env_float("NDRELAY_LEASE", 10.0),
         )
 
 
@@ -127,7 +142,9 @@ class Relay:
         self.registry: Registry = (
             registry
             if registry is not None
-            else MemoryRegistry(self.settings.max_streams, self.settings.max_memory)
+            else MemoryRegistry(
+                self.settings.max_streams, self.settings.max_memory, lease=self.settings.lease
+            )
         )
         self._threads: list[threading.Thread] = []
         self._closed = False

@@ -11,7 +11,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from .._codec import FrameDecoder
-from .._exceptions import NDRelayError, ProtocolError, StreamClosed
+from .._exceptions import NDRelayError, ProtocolError, SeqGap, StreamClosed
 from .._frames import DataFrame, EndFrame, ErrorFrame
 from ..registry import Block, Stream
 from .errors import error_body
@@ -29,21 +29,50 @@ class UploadResponse(Response):
     A frame is accepted whole or not at all. On a bad frame it answers the 4xx at once,
     then keeps reading (and discarding) the body for a bounded time, so the client gets
     the error instead of a connection reset.
+
+    With a `producer` id (DESIGN.md §5) data frames are numbered in the producer's own
+    sequence: below the seq the relay expects from it, a frame is a duplicate and skipped
+    (counted in `duplicates`); above it, the upload stops with 409 naming `expected_seq`.
+    A frame without `seq` is the next one. An empty body just asks where it stands.
     """
 
-    def __init__(self, stream: Stream, settings: Settings) -> None:
+    def __init__(self, stream: Stream, settings: Settings, producer: str | None = None) -> None:
         self.stream = stream
         self.settings = settings
+        self.producer = producer
         self.status_code = 200
         self.background = None
+        self._claim = 0
+        self._duplicates = 0
+        self._index: list[int] = []  # frame index of each pending item (producer uploads)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._stash: Any = None  # a body message read while waiting for room
         # `VectoredHttpProtocol` (how `ndrelay serve` runs uvicorn) hands the body over
         # in the pieces it was parsed in, not joined into one copy per message
         receive = scope.get("extensions", {}).get(RECEIVE_EXTENSION, receive)
+        if self.producer is not None:
+            self._claim, _ = await self.stream.claim_producer(self.producer)
         with self.stream.producing():
             await self._upload(scope, receive, send)
+
+    def _offer(self, items: list[Any]) -> tuple[list[Any], Any]:
+        if self.producer is None:
+            return self.stream.offer(items)
+        before = len(items)
+        try:
+            rest, room, dups = self.stream.offer_seq(self.producer, self._claim, items)
+        except SeqGap as exc:
+            index = self._index[before - len(items) + exc.index]  # type: ignore[attr-defined]
+            raise _Refused(409, str(exc), index, exc.expected_seq) from None
+        self._duplicates += dups
+        del self._index[: before - len(rest)]
+        return rest, room
+
+    async def _expected(self) -> int | None:
+        if self.producer is None:
+            return None
+        return await self.stream.producer_position(self.producer)
 
     async def _put(self, items: list[Any], receive: Receive) -> None:
         """Put `items`, waiting for room; while it waits, notice the client leaving.
@@ -51,7 +80,7 @@ class UploadResponse(Response):
         At most one body message is read ahead (kept for the upload loop), so a
         waiting upload holds no more than that in memory.
         """
-        rest, room = self.stream.offer(items)
+        rest, room = self._offer(items)
         while room is not None:
             try:
                 if self._stash is None:
@@ -67,7 +96,7 @@ class UploadResponse(Response):
                     await room
             finally:
                 self.stream.forget(room)
-            rest, room = self.stream.offer(rest)
+            rest, room = self._offer(rest)
 
     async def _receive(self, receive: Receive) -> Any:
         message, self._stash = self._stash, None
@@ -75,7 +104,8 @@ class UploadResponse(Response):
 
     async def _upload(self, scope: Scope, receive: Receive, send: Send) -> None:
         stream = self.stream
-        decoder = FrameDecoder(self.settings.max_frame_bytes)
+        decoder = FrameDecoder(self.settings.max_frame_bytes, seq_optional=True)
+        named = self.producer is not None
         accepted = items = seen = 0
         finished = False
         pending: list[Any] = []  # items of accepted frames, put once per body message
@@ -105,7 +135,11 @@ class UploadResponse(Response):
                             stream.check_item(item)
                         except NDRelayError as exc:
                             raise _Refused(exc.status_hint, str(exc), index) from None  # type: ignore[attr-defined]
-                        pending.append(item)
+                        if named:
+                            pending.append((frame.seq, item))
+                            self._index.append(index)
+                        else:
+                            pending.append(item)
                         items += 1 if frame.count is None else frame.count
                     elif isinstance(frame, EndFrame | ErrorFrame):
                         await self._put(pending, receive)
@@ -122,10 +156,14 @@ class UploadResponse(Response):
             # the frames accepted before the bad one are kept
             try:
                 await self._put(pending, receive)
-            except StreamClosed:
-                pass
+            except (StreamClosed, _Refused, _ClientGone):
+                pass  # the first refusal is the one to report
             if isinstance(exc, _Refused):
-                await self._refuse(receive, send, exc.status, exc.reason, exc.index, accepted, more)
+                if exc.index is not None and self.producer is not None:
+                    accepted = min(accepted, exc.index)  # frames from the gap on were not
+                await self._refuse(
+                    receive, send, exc.status, exc.reason, exc.index, accepted, more, exc.expected
+                )
                 return
             await self._refuse(
                 receive,
@@ -135,7 +173,7 @@ class UploadResponse(Response):
                 exc.frame_index,
                 accepted,
                 more,
-                getattr(exc, "key", None),
+                key=getattr(exc, "key", None),
             )
             return
         except StreamClosed as exc:
@@ -144,7 +182,15 @@ class UploadResponse(Response):
         except _ClientGone:
             log.info("upload to %r: client went away while the stream was full", stream.name)
             return
-        body = {"accepted": accepted, "items": items, "next_seq": stream.info()["produced"]}
+        body: dict[str, Any] = {
+            "accepted": accepted,
+            "items": items - self._duplicates,
+            "next_seq": stream.info()["produced"],
+            "duplicates": self._duplicates,
+        }
+        if self.producer is not None:
+            body["producer"] = self.producer
+            body["expected_seq"] = await self._expected()
         await JSONResponse(body)(scope, receive, send)
 
     async def _refuse(
@@ -156,6 +202,7 @@ class UploadResponse(Response):
         index: int | None,
         accepted: int,
         more: bool,
+        expected: int | None = None,
         key: str | None = None,
     ) -> None:
         body = error_body(
@@ -167,7 +214,11 @@ class UploadResponse(Response):
             reason=reason,
             accepted=accepted,
             next_seq=self.stream.info()["produced"],
+            duplicates=self._duplicates,
         )
+        if self.producer is not None:
+            body["producer"] = self.producer
+            body["expected_seq"] = await self._expected() if expected is None else expected
         log.info("upload to %r refused: %s", self.stream.name, body["message"])
         await send(
             {
@@ -205,7 +256,10 @@ class _ClientGone(Exception):
 
 
 class _Refused(Exception):
-    def __init__(self, status: int, reason: str, index: int | None) -> None:
+    def __init__(
+        self, status: int, reason: str, index: int | None, expected: int | None = None
+    ) -> None:
         self.status = status
         self.reason = reason
         self.index = index
+        self.expected = expected

@@ -151,6 +151,7 @@ class MemoryStream:
         self._producer_claims: dict[str, int] = {}
         self._assigned = 0
         self.consumed = 0
+        self.consumed_bytes = 0  # payload bytes ever handed to consumers (redeliveries too)
         self.dropped = 0
         self.producers = 0
         self.acked = 0
@@ -746,6 +747,7 @@ class MemoryStream:
                 "produced": self._next_seq,
                 "produced_bytes": self._produced_bytes,
                 "consumed": self.consumed,
+                "consumed_bytes": self.consumed_bytes,
                 "acked": self.acked,
                 "redelivered": self.redelivered,
                 "dropped": self.dropped,
@@ -860,6 +862,7 @@ class MemoryConsumer:
                     fresh += n
                 s._pending_items += fresh
                 s.consumed += fresh
+                s.consumed_bytes += taken
                 if not out:
                     # the end goes out once nothing is queued or pending anywhere: a
                     # pending item may still come back (released, or its lease ran out)
@@ -889,6 +892,7 @@ class MemoryConsumer:
                     break
             self.cursor = out[-1][0] + 1
             s.consumed += len(out)
+            s.consumed_bytes += taken
             s._space_freed()
             return out
 

@@ -1,11 +1,17 @@
-"""`/metrics`: per-stream gauges and counters in the Prometheus text format."""
+"""`/metrics`: per-stream gauges and counters, and the process's own (memory, CPU, open
+file descriptors), in the Prometheus text format."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 from fastapi.responses import Response
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -19,12 +25,15 @@ _COUNTERS = {
     "consumed": "Items delivered to consumers",
     "dropped": "Items fanout consumers skipped (drop_oldest/latest policies)",
 }
+#: info key -> (metric name suffix, help)
 _GAUGES = {
-    "depth": "Items buffered",
-    "bytes": "Payload bytes buffered",
-    "consumers": "Connected consumers",
-    "producers": "Active producers",
+    "depth": ("depth", "Items buffered"),
+    "bytes": ("buffered_bytes", "Payload bytes buffered"),
+    "consumers": ("consumers", "Connected consumers"),
+    "producers": ("producers", "Active producers"),
 }
+#: direction label -> info key of the payload bytes counted
+_BYTES = {"in": "produced_bytes", "out": "consumed_bytes"}
 
 
 class _StreamCollector:
@@ -53,8 +62,19 @@ class _StreamCollector:
             for info in infos:
                 family.add_metric([info["name"], info["mode"]], info[key])
             yield family
-        for key, doc in _GAUGES.items():
-            gauge = GaugeMetricFamily(f"ndrelay_stream_{key}", doc, labels=["stream", "mode"])
+        traffic = CounterMetricFamily(
+            "ndrelay_stream_bytes",
+            "Payload bytes accepted from producers (in) and handed to consumers (out, "
+            "redeliveries included)",
+            labels=["stream", "mode", "direction"],
+        )
+        for info in infos:
+            for direction, key in _BYTES.items():
+                if key in info:
+                    traffic.add_metric([info["name"], info["mode"], direction], info[key])
+        yield traffic
+        for key, (suffix, doc) in _GAUGES.items():
+            gauge = GaugeMetricFamily(f"ndrelay_stream_{suffix}", doc, labels=["stream", "mode"])
             for info in infos:
                 gauge.add_metric([info["name"], info["mode"]], info[key])
             yield gauge
@@ -83,4 +103,8 @@ def metrics_response(registry: Registry) -> Response:
     """The current metrics of `registry`'s streams."""
     collectors = CollectorRegistry(auto_describe=False)
     collectors.register(_StreamCollector(registry))  # type: ignore[arg-type]
+    # process_resident_memory_bytes, process_cpu_seconds_total, process_open_fds, ...
+    # (read from /proc; absent where there is none), and python_info
+    ProcessCollector(registry=collectors)
+    PlatformCollector(registry=collectors)
     return Response(generate_latest(collectors), media_type=CONTENT_TYPE_LATEST)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -111,7 +112,8 @@ class ServeProcess:
     """`ndrelay serve --port <free> <args>` in a subprocess; `stop()` kills it by PID.
 
     With `uds=PATH` it serves on that Unix socket instead (`--uds PATH`, or, with
-    `uds_env=True`, `NDRELAY_UDS=PATH`), and `url` is `unix://PATH`.
+    `uds_env=True`, `NDRELAY_UDS=PATH`), and `url` is `unix://PATH`. With `nofile=N`
+    the process may have at most N open files (soft and hard limit, as `ulimit -n N`).
     Its stderr goes to a temporary file (`stderr_text()`), never to a pipe that could
     fill up and block the server.
     """
@@ -123,6 +125,7 @@ class ServeProcess:
         wait: bool = True,
         uds: str | None = None,
         uds_env: bool = False,
+        nofile: int | None = None,
     ) -> None:
         self.port = free_port()
         self.uds = uds
@@ -134,12 +137,18 @@ class ServeProcess:
             where = ["--uds", uds] if uds else ["--port", str(self.port)]
         self.args = ["serve", *where, "--log-level", "warning", *args]
         self._stderr = tempfile.TemporaryFile(mode="w+")
+
+        def limits() -> None:
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
         self.proc = subprocess.Popen(
             ndrelay_cmd(*self.args),
             env=env if env is not None else clean_env(),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=self._stderr,
+            preexec_fn=limits if nofile is not None else None,
         )
         self.pid = self.proc.pid
         if wait:

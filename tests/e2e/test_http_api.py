@@ -390,11 +390,17 @@ def test_upload_frames_after_end_in_same_body(http):
     assert (st["state"], st["produced"]) == ("ended", 1)
 
 
-def test_upload_empty_body_creates_open_stream(http):
+def test_upload_empty_body_leaves_no_stream_behind(http):
     r = upload(http, "e")
     assert r.status_code == 200
     assert r.json() == {"accepted": 0, "items": 0, "next_seq": 0, "duplicates": 0}
-    assert info(http, "e")["state"] == "open"
+    assert http.get("/streams/e/info").status_code == 404  # PUT creates an empty stream
+
+
+def test_empty_upload_to_an_existing_stream_keeps_it(http):
+    assert http.put("/streams/e2", json={"size": 4}).status_code == 201
+    assert upload(http, "e2").status_code == 200
+    assert info(http, "e2")["state"] == "open"
 
 
 def _error_map(seq: int) -> dict[str, Any]:

@@ -143,6 +143,48 @@ def _size(text: str | None, what: str) -> int | None:
     "comma-separated; default: none].",
 )
 @click.option(
+    "--allowed-hosts",
+    "allowed_hosts",
+    multiple=True,
+    help="Host header value to serve, e.g. relay.lab or *.lab.example (repeatable or "
+    "comma-separated; others get 400; /healthz answers any) [env NDRELAY_ALLOWED_HOSTS; "
+    "default: any].",
+)
+@click.option(
+    "--max-connections",
+    type=int,
+    envvar="NDRELAY_MAX_CONNECTIONS",
+    help="Most open connections; past it the oldest one still waiting for a request is "
+    "closed, or the newcomer answered 503 [default: 1024, less if the open-files limit "
+    "is lower].",
+)
+@click.option(
+    "--max-header-bytes",
+    type=int,
+    envvar="NDRELAY_MAX_HEADER_BYTES",
+    help="Largest request head (request line and headers); 431 beyond [default: 65536].",
+)
+@click.option(
+    "--header-timeout",
+    type=float,
+    envvar="NDRELAY_HEADER_TIMEOUT",
+    help="Seconds a connection has to send a complete request head; 408 after [default: 10].",
+)
+@click.option(
+    "--upload-idle-timeout",
+    type=float,
+    envvar="NDRELAY_UPLOAD_IDLE_TIMEOUT",
+    help="Seconds an upload may send no byte before it is ended with 408 (frames before "
+    "it are kept; 0: never) [default: 60].",
+)
+@click.option(
+    "--stream-ttl",
+    type=float,
+    envvar="NDRELAY_STREAM_TTL",
+    help="Seconds after which a finished stream, or an empty one nobody produces to or "
+    "reads, is removed (0: never) [default: 3600].",
+)
+@click.option(
     "--shutdown-timeout",
     type=float,
     default=10.0,
@@ -171,12 +213,20 @@ def serve(
     heartbeat: float | None,
     lease: float | None,
     cors_origins: tuple[str, ...],
+    allowed_hosts: tuple[str, ...],
+    max_connections: int | None,
+    max_header_bytes: int | None,
+    header_timeout: float | None,
+    upload_idle_timeout: float | None,
+    stream_ttl: float | None,
     shutdown_timeout: float,
     log_level: str,
 ) -> None:
     """Run the relay server (one worker: streams live in this process's memory)."""
     from .._sizes import format_size
     from ..server import Relay, Settings, create_app, uvicorn_config
+    from ..server.limits import connection_limit, guarded_protocol, raise_open_files
+    from ..server.logs import limit_logs
     from ..server.relay import check_origin
     from .demo import publish_demo
 
@@ -204,7 +254,34 @@ def serve(
             check_origin(origin)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--cors-origin") from None
+    if allowed_hosts:
+        settings.allowed_hosts = [h.strip() for v in allowed_hosts for h in v.split(",") if h]
+    for name, value in (
+        ("max_connections", max_connections),
+        ("max_header_bytes", max_header_bytes),
+        ("header_timeout", header_timeout),
+        ("upload_idle_timeout", upload_idle_timeout),
+        ("stream_ttl", stream_ttl),
+    ):
+        if value is not None:
+            if value < 0 or (value == 0 and name in ("max_connections", "max_header_bytes")):
+                flag = "--" + name.replace("_", "-")
+                raise click.BadParameter(f"must be positive, got {value}", param_hint=flag)
+            setattr(settings, name, value)
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    old_files, open_files = raise_open_files()
+    if open_files != old_files:
+        logging.getLogger("ndrelay.server").info(
+            "open-files limit raised from %d to %d", old_files, open_files
+        )
+    connections = connection_limit(settings.max_connections)
+    if settings.max_connections is not None and connections < settings.max_connections:
+        logging.getLogger("ndrelay.server").warning(
+            "--max-connections %d is over what the open-files limit (%d) allows: using %d",
+            settings.max_connections,
+            open_files,
+            connections,
+        )
     relay = Relay(settings=settings)
     if demo:
         publish_demo(relay)
@@ -217,14 +294,17 @@ def serve(
         workers=1,
         log_level=log_level,
         timeout_graceful_shutdown=shutdown_timeout,
+        http=guarded_protocol(connections, settings.max_header_bytes, settings.header_timeout),
         **where,
     )
+    limit_logs()  # after uvicorn configured its loggers
     server = _server(config, relay)
     names = ", ".join(s.name for s in relay.registry.streams()) or "none yet"
     click.echo(
         f"ndrelay {__version__}: {f'unix://{uds}' if uds else f'http://{host}:{port}'} "
         f"(1 worker, in-memory streams; auth {'on' if settings.token else 'off'}; "
-        f"max memory {format_size(settings.max_memory)}; streams: {names})",
+        f"max memory {format_size(settings.max_memory)}; at most {connections} "
+        f"connections; streams: {names})",
         err=True,
     )
     try:

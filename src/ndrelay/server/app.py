@@ -21,6 +21,8 @@ from .._codec import (
 from .._exceptions import (
     AuthError,
     StreamClosed,
+    StreamConflict,
+    StreamNotFound,
 )
 from .._frames import DataFrame
 from .._version import __version__
@@ -30,10 +32,12 @@ from .apidocs import install_docs
 from .consume import FrameStreamResponse
 from .dashboard import add_dashboard
 from .errors import error_body, install_error_handlers
+from .expiry import Expiry
 from .formats import FORMATS, ndjson_line
 from .metrics import metrics_response
 from .rates import RateMeter
 from .relay import Relay, Settings, check_origin
+from .trust import TrustedHosts, WriteOrigins
 from .upload import UploadResponse
 
 __all__ = ["create_app"]
@@ -104,6 +108,7 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
         relay.settings = settings
     the_relay = relay
     registry = relay.registry
+    expiry = Expiry(registry, relay.settings.stream_ttl)
 
     rates = RateMeter()
 
@@ -113,12 +118,14 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         sampler = asyncio.ensure_future(rates.run(all_infos))
+        sweeper = asyncio.create_task(expiry.run(lambda: the_relay.closed))
         try:
             yield
         finally:
             sampler.cancel()
-            await asyncio.gather(sampler, return_exceptions=True)
-        await asyncio.to_thread(the_relay.close)  # joins producer threads: not on the loop
+            sweeper.cancel()
+            await asyncio.gather(sampler, sweeper, return_exceptions=True)
+            await asyncio.to_thread(the_relay.close)  # joins producer threads: not on the loop
 
     app = FastAPI(
         title="ndrelay",
@@ -131,6 +138,11 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
         redoc_url=None,
     )
     app.state.relay = relay
+    app.add_middleware(
+        WriteOrigins,
+        allowed=relay.settings.cors_origins,
+        token=lambda: the_relay.settings.token,
+    )
     if relay.settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -139,6 +151,16 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
             allow_headers=["authorization", "content-type", "last-event-id"],
             expose_headers=["ndrelay-consumer"],
         )
+    if relay.settings.allowed_hosts:
+        app.add_middleware(TrustedHosts, allowed_hosts=relay.settings.allowed_hosts)
+
+    def expiring(stream: Stream, info: dict[str, Any]) -> dict[str, Any]:
+        """A stream's `info` with its expiry: `ttl` (seconds, or None), and `expires_in`
+        (seconds left while nobody uses it, else None)."""
+        ttl = expiry.ttl
+        info["ttl"] = ttl if ttl > 0 else None
+        info["expires_in"] = expiry.expires_in(stream, info=info)
+        return info
 
     def check_token(request: Request) -> None:
         token = the_relay.settings.token
@@ -176,9 +198,10 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
         if budget is not None:
             response.headers["ndrelay-memory-bytes"] = str(budget.used)
             response.headers["ndrelay-memory-limit"] = str(budget.limit)
-        infos = all_infos()
+        streams = list(registry.streams())
+        infos = [s.info() for s in streams]
         rates.sample(infos)
-        return [rates.annotate(info) for info in infos]
+        return [expiring(s, rates.annotate(i)) for s, i in zip(streams, infos, strict=True)]
 
     @app.put("/streams/{name}", dependencies=auth, tags=["streams"], status_code=201)
     async def create_stream(name: str, body: CreateStream) -> JSONResponse:
@@ -186,16 +209,22 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
         args = body.model_dump(exclude_none=True)
         if "shape" in args:
             args["shape"] = tuple(args["shape"])
+        limit = the_relay.settings.max_memory
+        if args.get("max_bytes", 0) > limit:
+            raise ValueError(
+                f"max_bytes {args['max_bytes']} is over the relay's memory bound of {limit} "
+                "bytes (--max-memory)"
+            )
         stream, created = registry.create(check_name(name), StreamSpec(**args))
-        return JSONResponse(stream.info(), status_code=201 if created else 200)
+        return JSONResponse(expiring(stream, stream.info()), status_code=201 if created else 200)
 
     @app.get("/streams/{name}/info", dependencies=auth, tags=["streams"])
     async def stream_info(stream: StreamDep) -> dict[str, Any]:
-        """Definition, state (`open`/`ended`/`failed`), counters and recent rates of one
-        stream."""
+        """Definition, state (`open`/`ended`/`failed`), counters, recent rates and expiry of
+        one stream."""
         info = stream.info()
         rates.sample([info], complete=False)
-        return rates.annotate(info)
+        return expiring(stream, rates.annotate(info))
 
     @app.delete("/streams/{name}", dependencies=auth, tags=["streams"], status_code=204)
     async def delete_stream(name: str) -> Response:
@@ -304,7 +333,13 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
         relay expects from it are skipped (`duplicates`), a frame above it is 409 naming
         `expected_seq`. The answer adds `expected_seq`; an empty body just asks for it.
         """
-        stream = registry.get_or_create(check_name(name))
+        try:
+            stream, created = registry.get(check_name(name)), False
+        except StreamNotFound:
+            try:
+                stream, created = registry.create(name, StreamSpec())
+            except StreamConflict:  # created meanwhile, by another request
+                stream, created = registry.get(name), False
         if stream.finished:
             exc = StreamClosed.finished(name, stream.info()["state"])
             if producer is None:
@@ -313,7 +348,19 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
             body["producer"] = producer
             body["expected_seq"] = await stream.producer_position(producer)
             return JSONResponse(body, status_code=409)
-        return UploadResponse(stream, the_relay.settings, producer)
+
+        def forget_if_unused(accepted: int) -> None:
+            # A stream this upload created stays only if something came of it: a refused
+            # or empty upload must not take a stream slot.
+            state = stream.info()
+            if created and not accepted and not state["produced"] and state["state"] == "open":
+                if not state["producers"] and not state["consumers"]:
+                    try:
+                        registry.delete(name, "upload accepted nothing")
+                    except StreamNotFound:
+                        pass
+
+        return UploadResponse(stream, the_relay.settings, producer, forget_if_unused)
 
     add_dashboard(app, auth)
     return app

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .._codec import DEFAULT_MAX_FRAME_SIZE
+from .._codec import DEFAULT_MAX_FRAME_SIZE, DEFAULT_MAX_TEXT_SIZE
 from .._exceptions import StreamClosed
 from .._frames import EndFrame, ErrorFrame
 from .._sizes import default_max_memory, parse_size
@@ -39,6 +39,16 @@ def _env_int(name: str, default: int) -> int:
         return int(value)
     except ValueError:
         raise ValueError(f"{name} must be an integer, got {value!r}") from None
+
+
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a number of seconds, got {value!r}") from None
 
 
 def _env_list(name: str) -> list[str]:
@@ -97,6 +107,18 @@ class Settings:
         lease: seconds a departed queue consumer's pending (unacknowledged) items wait
             for its id to reconnect before they go back to the queue (`?lease=` per
             consumer).
+        max_connections: most connections open at once; beyond it the oldest connection
+            still waiting for its request is closed, or the newcomer answered 503 (default
+            `None`: 1024, or less if the open-files limit is lower).
+        max_header_bytes: largest request head (request line and headers); 431 beyond.
+        header_timeout: seconds a connection has to send its request head; 408 after.
+        upload_idle_timeout: seconds an upload may go without a byte before it is ended
+            (408); the frames before are kept.
+        max_text_bytes: longest string a frame may hold (an error's traceback, say).
+        stream_ttl: seconds after which a finished stream, or an open one that is empty
+            and has had no producer or consumer, is removed (0: never).
+        allowed_hosts: `Host` header values served (`*.example.org` patterns); others get
+            400. Empty: any (see the security notes on DNS rebinding).
     """
 
     token: str | None = None
@@ -108,6 +130,13 @@ class Settings:
     cors_origins: list[str] = field(default_factory=list)
     public_docs: bool = False
     lease: float = 10.0
+    max_connections: int | None = None
+    max_header_bytes: int = 64 * 1024
+    header_timeout: float = 10.0
+    upload_idle_timeout: float = 60.0
+    max_text_bytes: int = DEFAULT_MAX_TEXT_SIZE
+    stream_ttl: float = 3600.0
+    allowed_hosts: list[str] = field(default_factory=list)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -120,6 +149,13 @@ class Settings:
             cors_origins=_env_list("NDRELAY_CORS_ORIGINS"),
             public_docs=_env_flag("NDRELAY_PUBLIC_DOCS"),
             lease=_env_float("NDRELAY_LEASE", 10.0),
+            max_connections=_env_int("NDRELAY_MAX_CONNECTIONS", 0) or None,
+            max_header_bytes=_env_int("NDRELAY_MAX_HEADER_BYTES", 64 * 1024),
+            header_timeout=_env_float("NDRELAY_HEADER_TIMEOUT", 10.0),
+            upload_idle_timeout=_env_float("NDRELAY_UPLOAD_IDLE_TIMEOUT", 60.0),
+            max_text_bytes=_env_int("NDRELAY_MAX_TEXT_BYTES", DEFAULT_MAX_TEXT_SIZE),
+            stream_ttl=_env_float("NDRELAY_STREAM_TTL", 3600.0),
+            allowed_hosts=_env_list("NDRELAY_ALLOWED_HOSTS"),
         )
 
 
@@ -190,6 +226,11 @@ class Relay:
         self._threads.append(thread)
         thread.start()
         return stream
+
+    @property
+    def closed(self) -> bool:
+        """Whether `close()` was called."""
+        return self._closed
 
     def close(self, reason: str = "server shutting down", timeout: float = 5.0) -> None:
         """Fail every open stream with a `relay` error frame and stop the producer threads.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from starlette.responses import JSONResponse, Response
@@ -28,15 +29,24 @@ class UploadResponse(Response):
 
     A frame is accepted whole or not at all. On a bad frame it answers the 4xx at once,
     then keeps reading (and discarding) the body for a bounded time, so the client gets
-    the error instead of a connection reset.
+    the error instead of a connection reset. A body that sends no byte for
+    `settings.upload_idle_timeout` seconds is answered 408 (the frames before are kept).
 
     With a `producer` id (DESIGN.md §5) data frames are numbered in the producer's own
     sequence: below the seq the relay expects from it, a frame is a duplicate and skipped
     (counted in `duplicates`); above it, the upload stops with 409 naming `expected_seq`.
     A frame without `seq` is the next one. An empty body just asks where it stands.
+    `on_done(accepted)` is called when the upload is over, the stream no longer counting
+    it as a producer.
     """
 
-    def __init__(self, stream: Stream, settings: Settings, producer: str | None = None) -> None:
+    def __init__(
+        self,
+        stream: Stream,
+        settings: Settings,
+        producer: str | None = None,
+        on_done: Callable[[int], None] | None = None,
+    ) -> None:
         self.stream = stream
         self.settings = settings
         self.producer = producer
@@ -45,16 +55,22 @@ class UploadResponse(Response):
         self._claim = 0
         self._duplicates = 0
         self._index: list[int] = []  # frame index of each pending item (producer uploads)
+        self._on_done = on_done
+        self._accepted = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._stash: Any = None  # a body message read while waiting for room
         # `VectoredHttpProtocol` (how `ndrelay serve` runs uvicorn) hands the body over
         # in the pieces it was parsed in, not joined into one copy per message
         receive = scope.get("extensions", {}).get(RECEIVE_EXTENSION, receive)
-        if self.producer is not None:
-            self._claim, _ = await self.stream.claim_producer(self.producer)
-        with self.stream.producing():
-            await self._upload(scope, receive, send)
+        try:
+            if self.producer is not None:
+                self._claim, _ = await self.stream.claim_producer(self.producer)
+            with self.stream.producing():
+                await self._upload(scope, receive, send)
+        finally:
+            if self._on_done is not None:
+                self._on_done(self._accepted)
 
     def _offer(self, items: list[Any]) -> tuple[list[Any], Any]:
         if self.producer is None:
@@ -102,9 +118,22 @@ class UploadResponse(Response):
         message, self._stash = self._stash, None
         return message if message is not None else await receive()
 
+    async def _receive_body(self, receive: Receive) -> Any:
+        """The next body message; `_Idle` if none comes within the idle timeout."""
+        idle = self.settings.upload_idle_timeout
+        if self._stash is not None or not idle:
+            return await self._receive(receive)
+        try:
+            async with asyncio.timeout(idle):
+                return await receive()
+        except TimeoutError:
+            raise _Idle from None
+
     async def _upload(self, scope: Scope, receive: Receive, send: Send) -> None:
         stream = self.stream
-        decoder = FrameDecoder(self.settings.max_frame_bytes, seq_optional=True)
+        decoder = FrameDecoder(
+            self.settings.max_frame_bytes, self.settings.max_text_bytes, seq_optional=True
+        )
         named = self.producer is not None
         accepted = items = seen = 0
         finished = False
@@ -115,7 +144,7 @@ class UploadResponse(Response):
                 if pending:
                     await self._put(pending, receive)
                     pending = []
-                message = await self._receive(receive)
+                message = await self._receive_body(receive)
                 if message["type"] == "http.disconnect":
                     log.info(
                         "upload to %r: client went away after %d frames", stream.name, accepted
@@ -149,6 +178,7 @@ class UploadResponse(Response):
                     else:
                         continue  # heartbeat
                     accepted += 1
+                    self._accepted = accepted
             await self._put(pending, receive)
             pending = []
             decoder.feed_eof()
@@ -181,6 +211,12 @@ class UploadResponse(Response):
             return
         except _ClientGone:
             log.info("upload to %r: client went away while the stream was full", stream.name)
+            return
+        except _Idle:
+            await self._put(pending, receive)
+            idle = self.settings.upload_idle_timeout
+            reason = f"no body byte for {idle:g} s (upload idle timeout)"
+            await self._refuse(receive, send, 408, reason, None, accepted, False)
             return
         body: dict[str, Any] = {
             "accepted": accepted,
@@ -249,6 +285,10 @@ def _frames_of(decoder: FrameDecoder, pieces: Any) -> Any:
     for piece in pieces:
         decoder.feed(piece)
         yield from decoder.frames()
+
+
+class _Idle(Exception):
+    """The upload's body sent nothing within the idle timeout."""
 
 
 class _ClientGone(Exception):

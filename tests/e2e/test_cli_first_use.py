@@ -56,6 +56,22 @@ def test_produce_and_consume_take_a_url_without_scheme(server):
     assert "received 3 items" in consumed.stdout
 
 
+def test_produce_and_consume_take_url_like_every_client_command(server):
+    """`--url` or NDRELAY_URL, as `ls`, `cat`, `rm`, ... take it."""
+    address = f"127.0.0.1:{server.port}"
+    produced = run("produce", "viaopt", "--url", address, "--count", "2", "--rate", "0")
+    assert produced.returncode == 0, produced.stderr
+    env = dict(env_without_ndrelay(), NDRELAY_URL=address)
+    consumed = subprocess.run(
+        [NDRELAY, "consume", "viaopt"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert consumed.returncode == 0, consumed.stderr
+    assert "received 2 items" in consumed.stdout
+    both = run("consume", address, "viaopt", "--url", "127.0.0.1:1")
+    assert both.returncode == 2
+    assert "two relay URLs" in both.stderr
+
+
 def test_a_client_url_without_scheme_means_http(server):
     with RelayClient(f"127.0.0.1:{server.port}") as client:
         assert client.url == f"http://127.0.0.1:{server.port}"

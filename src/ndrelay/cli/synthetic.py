@@ -7,8 +7,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
-from ._errors import TOKEN_HELP, relay_errors, relay_url
+from ._connect import relay_options
+from ._errors import relay_errors
 
 __all__ = ["consume", "produce"]
 
@@ -18,6 +20,24 @@ def _shape(text: str) -> tuple[int, ...]:
         return tuple(int(n) for n in text.split(",") if n.strip())
     except ValueError:
         raise click.BadParameter(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def _url_and_stream(target: tuple[str, ...], url: str) -> tuple[str, str]:
+    """`[URL] STREAM`: the relay is `--url`, or a URL given before the stream name."""
+    if len(target) == 1:
+        return url, target[0]
+    if len(target) != 2:
+        raise click.UsageError(f"expected [URL] STREAM, got {len(target)} arguments")
+    from .._client import relay_url
+
+    try:
+        given = relay_url(target[0])
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'URL'") from None
+    ctx = click.get_current_context()
+    if ctx.get_parameter_source("url") is not ParameterSource.DEFAULT and given != url:
+        raise click.UsageError(f"two relay URLs: {target[0]} and --url {url}")
+    return given, target[1]
 
 
 def _dtype(ctx: click.Context, param: click.Parameter, value: str) -> Any:
@@ -30,8 +50,8 @@ def _dtype(ctx: click.Context, param: click.Parameter, value: str) -> Any:
 
 
 @click.command()
-@click.argument("url", envvar="NDRELAY_URL", callback=relay_url)
-@click.argument("stream")
+@click.argument("target", nargs=-1, required=True, metavar="[URL] STREAM")
+@relay_options
 @click.option(
     "--rate", default=10.0, show_default=True, help="Frames per second (0: as fast as possible)."
 )
@@ -49,16 +69,22 @@ def _dtype(ctx: click.Context, param: click.Parameter, value: str) -> Any:
     default=None,
     help="Frames to send, then end the stream [default: endless].",
 )
-@click.option("--token", envvar="NDRELAY_TOKEN", help=TOKEN_HELP)
 @relay_errors
 def produce(
-    url: str, stream: str, rate: float, shape: str, dtype: Any, count: int | None, token: str | None
+    target: tuple[str, ...],
+    url: str,
+    token: str | None,
+    rate: float,
+    shape: str,
+    dtype: Any,
+    count: int | None,
 ) -> None:
-    """Publish synthetic frames to STREAM on the relay at URL.
+    """Publish synthetic frames to STREAM.
 
-    URL: `localhost:8000` (http:// is assumed), `https://rig:8443` or `unix:///PATH`;
-    default: the NDRELAY_URL environment variable.
+    The relay is `--url` (NDRELAY_URL), or a URL given before STREAM:
+    `localhost:8000` (http:// is assumed), `https://rig:8443` or `unix:///PATH`.
     """
+    url, stream = _url_and_stream(target, url)
     import numpy as np
 
     from .._client import RelayClient
@@ -87,23 +113,28 @@ def produce(
 
 
 @click.command()
-@click.argument("url", envvar="NDRELAY_URL", callback=relay_url)
-@click.argument("stream")
+@click.argument("target", nargs=-1, required=True, metavar="[URL] STREAM")
+@relay_options
 @click.option(
     "--count", type=int, default=None, help="Stop after this many items [default: until the end]."
 )
 @click.option("--interval", default=1.0, show_default=True, help="Seconds between rate reports.")
 @click.option("--policy", default=None, help="Fanout streams: block, drop_oldest or latest.")
-@click.option("--token", envvar="NDRELAY_TOKEN", help=TOKEN_HELP)
 @relay_errors
 def consume(
-    url: str, stream: str, count: int | None, interval: float, policy: str | None, token: str | None
+    target: tuple[str, ...],
+    url: str,
+    token: str | None,
+    count: int | None,
+    interval: float,
+    policy: str | None,
 ) -> None:
-    """Read STREAM from the relay at URL and report items/s and MB/s.
+    """Read STREAM and report items/s and MB/s.
 
-    URL: `localhost:8000` (http:// is assumed), `https://rig:8443` or `unix:///PATH`;
-    default: the NDRELAY_URL environment variable.
+    The relay is `--url` (NDRELAY_URL), or a URL given before STREAM:
+    `localhost:8000` (http:// is assumed), `https://rig:8443` or `unix:///PATH`.
     """
+    url, stream = _url_and_stream(target, url)
     from .._client import RelayClient
 
     with RelayClient(url, token=token) as client, client.stream(stream, policy=policy) as remote:

@@ -86,6 +86,8 @@ class AckResponse(Response):
         if not isinstance(consumer, str) or not CONSUMER_PATTERN.fullmatch(consumer):
             raise _BadAck("consumer must be an id of 1-64 characters from A-Z a-z 0-9 . _ -")
         upto = ack.get("upto")
+        if type(upto) is float and upto.is_integer():  # JSON's integer: 5.0 is 5
+            upto = int(upto)
         if upto is not None and (type(upto) is not int or upto < -1):
             raise _BadAck(f"upto must be a seq (an integer, -1 or more) or null, got {upto!r}")
         release = ack.get("release", False)

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.middleware.cors import CORSMiddleware
 
 from .._codec import (
@@ -35,6 +36,21 @@ from .errors import error_body, install_error_handlers
 from .expiry import Expiry
 from .formats import FORMATS, ndjson_line
 from .metrics import metrics_response
+from .openapi import (
+    DTYPE_PATTERN,
+    NameParam,
+    ack_responses,
+    consume_responses,
+    create_responses,
+    declare_limits,
+    delete_responses,
+    info_responses,
+    latest_responses,
+    list_responses,
+    metrics_responses,
+    upload_body,
+    upload_responses,
+)
 from .rates import RateMeter
 from .relay import Relay, Settings, check_origin
 from .trust import TrustedHosts, WriteOrigins
@@ -69,12 +85,44 @@ is `event: stream-error` (EventSource's own `error` event means a dropped connec
 ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 
 
-def _get_stream(request: Request, name: str) -> Stream:
+def _get_stream(request: Request, name: NameParam) -> Stream:
     relay: Relay = request.app.state.relay
     return relay.registry.get(name)
 
 
 StreamDep = Annotated[Stream, Depends(_get_stream)]
+
+
+def _json_integer(value: Any) -> Any:
+    """JSON Schema's integer: `64` or `64.0`, never `true` or `"64"`."""
+    if isinstance(value, bool | str):
+        raise ValueError(f"must be an integer, got {value!r}")
+    return value
+
+
+#: Integer fields of a JSON body, as the schema says (pydantic's lax mode would take
+#: `true` as 1 and `"64"` as 64); the bounds go before the validator, or the schema
+#: would not show them.
+JsonInt = Annotated[int, BeforeValidator(_json_integer)]
+PositiveInt = Annotated[int, Field(ge=1), BeforeValidator(_json_integer)]
+Dimension = Annotated[int, Field(ge=0), BeforeValidator(_json_integer)]
+
+
+def _dtype_name(value: str) -> str:
+    if not re.fullmatch(DTYPE_PATTERN, value):
+        raise ValueError(
+            f"unsupported dtype {value[:64]!r}: use numpy's dtype.str of a number, boolean, "
+            "datetime or fixed-size string type (<f4, |u1, <M8[ns], <U8) or its common name "
+            "(float32, uint8, datetime64[ns])"
+        )
+    return value
+
+
+#: A dtype of a stream definition: the schema's pattern, checked with a message that
+#: names the refused value.
+DtypeName = Annotated[
+    str, AfterValidator(_dtype_name), Field(json_schema_extra={"pattern": DTYPE_PATTERN})
+]
 
 
 class CreateStream(BaseModel):
@@ -83,16 +131,19 @@ class CreateStream(BaseModel):
     # a misspelt key (`max_byte`) must not silently give a stream other bounds
     model_config = ConfigDict(extra="forbid")
 
-    size: int = Field(64, ge=1, le=1_000_000, description="most items buffered")
-    max_bytes: int | None = Field(None, ge=1, description="most payload bytes buffered")
+    size: JsonInt = Field(64, ge=1, le=1_000_000, description="most items buffered")
+    max_bytes: PositiveInt | None = Field(None, description="most payload bytes buffered")
     mode: Literal["queue", "fanout"] = "queue"
-    dtype: str | None = Field(
+    dtype: DtypeName | None = Field(
         None,
-        description="dtype every array must have: any numpy name (`float32`, `<f4`); "
+        description="dtype every array must have: numpy's dtype.str (`<f4`) or a common "
+        "name (`float32`, `uint8`, `datetime64[ns]`); "
         "answered as the canonical dtype.str",
         examples=["float32", "<f4", "uint8"],
     )
-    shape: list[int] | None = Field(None, description="shape every array must have")
+    shape: Annotated[list[Dimension], Field(max_length=32)] | None = Field(
+        None, description="shape every array must have"
+    )
 
 
 def create_app(relay: Relay | Registry | None = None, settings: Settings | None = None) -> FastAPI:
@@ -136,6 +187,9 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
         openapi_url=None,
         docs_url=None,
         redoc_url=None,
+        # operation ids are the handlers' names (`consume`, `upload`, ...), for clients
+        # generated from /openapi.json
+        generate_unique_id_function=lambda route: route.name,
     )
     app.state.relay = relay
     app.add_middleware(
@@ -178,18 +232,25 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
 
     install_error_handlers(app)
     install_docs(app, auth, public=relay.settings.public_docs)
+    declare_limits(app, lambda: the_relay.settings.max_memory)
 
     @app.get("/healthz", tags=["service"])
     async def healthz() -> dict[str, str]:
         """Liveness; needs no token."""
         return {"status": "ok", "version": __version__}
 
-    @app.get("/metrics", dependencies=auth, tags=["service"])
+    @app.get(
+        "/metrics",
+        dependencies=auth,
+        tags=["service"],
+        response_class=Response,
+        responses=metrics_responses,
+    )
     async def metrics() -> Response:
         """Prometheus text format."""
         return metrics_response(registry)
 
-    @app.get("/streams", dependencies=auth, tags=["streams"])
+    @app.get("/streams", dependencies=auth, tags=["streams"], responses=list_responses)
     async def list_streams(response: Response) -> list[dict[str, Any]]:
         """Info of every stream, with its recent rates. Headers `ndrelay-memory-bytes` and
         `ndrelay-memory-limit`: the payload bytes buffered over all streams, and the bound
@@ -203,8 +264,15 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
         rates.sample(infos)
         return [expiring(s, rates.annotate(i)) for s, i in zip(streams, infos, strict=True)]
 
-    @app.put("/streams/{name}", dependencies=auth, tags=["streams"], status_code=201)
-    async def create_stream(name: str, body: CreateStream) -> JSONResponse:
+    @app.put(
+        "/streams/{name}",
+        dependencies=auth,
+        tags=["streams"],
+        status_code=201,
+        response_class=JSONResponse,
+        responses=create_responses,
+    )
+    async def create_stream(name: NameParam, body: CreateStream) -> JSONResponse:
         """Create a stream: 201, or 200 if it exists identically, 409 if differently."""
         args = body.model_dump(exclude_none=True)
         if "shape" in args:
@@ -218,7 +286,7 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
         stream, created = registry.create(check_name(name), StreamSpec(**args))
         return JSONResponse(expiring(stream, stream.info()), status_code=201 if created else 200)
 
-    @app.get("/streams/{name}/info", dependencies=auth, tags=["streams"])
+    @app.get("/streams/{name}/info", dependencies=auth, tags=["streams"], responses=info_responses)
     async def stream_info(stream: StreamDep) -> dict[str, Any]:
         """Definition, state (`open`/`ended`/`failed`), counters, recent rates and expiry of
         one stream."""
@@ -226,13 +294,26 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
         rates.sample([info], complete=False)
         return expiring(stream, rates.annotate(info))
 
-    @app.delete("/streams/{name}", dependencies=auth, tags=["streams"], status_code=204)
-    async def delete_stream(name: str) -> Response:
+    @app.delete(
+        "/streams/{name}",
+        dependencies=auth,
+        tags=["streams"],
+        status_code=204,
+        response_class=Response,
+        responses=delete_responses,
+    )
+    async def delete_stream(name: NameParam) -> Response:
         """Delete a stream; its consumers get a `relay` error frame."""
         registry.delete(name)
         return Response(status_code=204)
 
-    @app.get("/streams/{name}/latest", dependencies=auth, tags=["streams"])
+    @app.get(
+        "/streams/{name}/latest",
+        dependencies=auth,
+        tags=["streams"],
+        response_class=Response,
+        responses=latest_responses,
+    )
     async def latest(
         stream: StreamDep, format: Literal["msgpack", "ndjson"] = "msgpack"
     ) -> Response:
@@ -250,7 +331,7 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
         dependencies=auth,
         tags=["streams"],
         response_class=Response,
-        responses={200: {"content": {media: {} for media in FORMATS.values()}}},
+        responses=consume_responses,
     )
     async def consume(
         request: Request,
@@ -291,12 +372,7 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
         dependencies=auth,
         tags=["streams"],
         response_class=JSONResponse,
-        responses={
-            200: {"description": "`{acked, released, pending, acks}`"},
-            400: {"description": "a malformed acknowledgement"},
-            404: {"description": "unknown stream, or unknown consumer (its lease ran out)"},
-            409: {"description": "a seq never delivered to that consumer; a fanout stream"},
-        },
+        responses=ack_responses,
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -318,9 +394,16 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
         """
         return AckResponse(stream)
 
-    @app.post("/streams/{name}", dependencies=auth, tags=["streams"])
+    @app.post(
+        "/streams/{name}",
+        dependencies=auth,
+        tags=["streams"],
+        response_class=JSONResponse,
+        responses=upload_responses,
+        openapi_extra=upload_body,
+    )
     async def upload(
-        name: str, producer: Annotated[str | None, Query(pattern=ID_PATTERN)] = None
+        name: NameParam, producer: Annotated[str | None, Query(pattern=ID_PATTERN)] = None
     ) -> Response:
         """Producer upload: the body is frames (`data`…, then optionally `end` or `error`).
 
@@ -375,6 +458,11 @@ _ACK_SCHEMA = {
         "upto": {"type": ["integer", "null"], "minimum": -1},
         "release": {"type": "boolean", "default": False},
     },
+    # `upto` may be left out (or null) only with `release: true`
+    "anyOf": [
+        {"required": ["upto"], "properties": {"upto": {"type": "integer"}}},
+        {"required": ["release"], "properties": {"release": {"const": True}}},
+    ],
 }
 
 

@@ -17,14 +17,17 @@ from __future__ import annotations
 import http
 import logging
 from typing import Any
+from urllib.parse import unquote
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from .._exceptions import NDRelayError
+from ..registry import check_name
 
 __all__ = ["ErrorBody", "error_body", "install_error_handlers"]
 
@@ -66,6 +69,28 @@ def _where(loc: tuple[Any, ...] | list[Any]) -> str:
     return ".".join([place, *rest])
 
 
+def _encoded_slash_name(request: Request) -> str | None:
+    """The stream name of `/streams/a%2Fb...` (`"a/b"`), if the path has one."""
+    raw = request.scope.get("raw_path") or b""
+    if not raw.startswith(b"/streams/"):
+        return None
+    segment = raw[len(b"/streams/") :].split(b"/", 1)[0].split(b"?", 1)[0]
+    if b"%2f" not in segment.lower():
+        return None
+    return unquote(segment.decode("latin-1"))
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route takes at this path: each route knows only its own, and
+    a 405 must list them all (`Allow`)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods.update(getattr(route, "methods", None) or ())
+    return ", ".join(sorted(methods))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Answer every error of `app` with an `ErrorBody`."""
 
@@ -98,9 +123,17 @@ def install_error_handlers(app: FastAPI) -> None:
         name = "".join(word[:1].upper() + word[1:] for word in phrase.replace("-", " ").split())
         detail = exc.detail if isinstance(exc.detail, str) else phrase
         message = f"{detail}: {request.method} {request.url.path}"
-        return JSONResponse(
-            error_body(name, message), status_code=exc.status_code, headers=exc.headers
-        )
+        headers = exc.headers
+        if exc.status_code == 404:
+            bad_name = _encoded_slash_name(request)
+            if bad_name is not None:  # no route matched only because of the decoded "/"
+                try:
+                    check_name(bad_name)
+                except ValueError as invalid:
+                    return JSONResponse(_exception_body(invalid), status_code=422)
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": _allowed_methods(request)}
+        return JSONResponse(error_body(name, message), status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:

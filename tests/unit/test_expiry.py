@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import anyio
 import numpy as np
+import pytest
 
 from ndrelay._frames import EndFrame
 from ndrelay.registry import MemoryRegistry, StreamSpec
@@ -64,3 +66,26 @@ def test_no_ttl_no_expiry() -> None:
     expiry = Expiry(registry, ttl=0)
     assert expiry.sweep(now=0) == expiry.sweep(now=1e9) == []
     assert expiry.expires_in(registry.get("s")) is None
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_the_sweeper_stops_when_its_relay_closes(anyio_backend: str) -> None:
+    registry = MemoryRegistry()
+    registry.create("s", StreamSpec())
+    closed = False
+    expiry = Expiry(registry, ttl=0.2)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(expiry.run, lambda: closed)
+            for _ in range(400):  # it sweeps while the relay is open
+                if not names(registry):
+                    break
+                await anyio.sleep(0.02)
+            assert names(registry) == []
+            closed = True
+    # the task group returned: the sweeper ended by itself, nobody cancelled it

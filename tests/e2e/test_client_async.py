@@ -271,3 +271,21 @@ async def test_wrong_token(serve):
                     await call
     async with AsyncRelayClient(handle.url, token="s3cret", read_timeout=5) as client:
         assert [a.tolist() for a in await collect(await client.stream("numbers"))] == [[0, 1, 2]]
+
+
+async def test_large_arrays_and_batched_bursts_round_trip_on_the_zero_copy_path(client):
+    big = [np.random.default_rng(i).random(1 << 18, dtype=np.float32) for i in range(6)]
+    answer = await client.publish("big", big, prefetch=2)
+    assert answer["items"] == 6
+    with anyio.fail_after(LIMIT):
+        got = [a async for a in await client.stream("big")]
+    assert [a.tobytes() for a in got] == [a.tobytes() for a in big]
+    assert all(a.flags.writeable for a in got)
+
+    bursts = [np.arange(12, dtype=np.int16).reshape(4, 3) + 100 * i for i in range(5)]
+    answer = await client.publish("imu", bursts, batched=True)
+    assert (answer["accepted"], answer["items"]) == (6, 20)  # 5 bursts and the end
+    with anyio.fail_after(LIMIT):
+        stacked = [b async for b in await client.stream("imu", batch=8, stack=True)]
+    assert [len(b) for b in stacked] == [8, 8, 4]
+    np.testing.assert_array_equal(np.concatenate(stacked), np.concatenate(bursts))

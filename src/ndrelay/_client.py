@@ -8,10 +8,13 @@ items and batches). The sync client reads and uploads stream bodies through the 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import queue as queue_module
 import ssl
 import threading
 import time
+import uuid
+import weakref
 from collections import deque
 from collections.abc import Iterable
 from types import TracebackType
@@ -21,6 +24,7 @@ from urllib.parse import quote, urlencode, urlsplit
 import httpx
 import numpy as np
 
+from ._acks import AckChannel
 from ._buffers import Buffer, ExceptionSentinel, Prefetch
 from ._codec import (
     DEFAULT_MAX_FRAME_SIZE,
@@ -111,12 +115,24 @@ class _BaseClient:
         return f"/streams/{quote(name, safe='')}{suffix}"
 
     @staticmethod
-    def _stream_query(batch: int | None, policy: str | None) -> str:
+    def _stream_query(
+        batch: int | None,
+        policy: str | None,
+        consumer: str | None = None,
+        after: int | None = None,
+        lease: float | None = None,
+    ) -> str:
         params: dict[str, Any] = {}
         if batch is not None and batch > 1:
             params["batch"] = batch
         if policy is not None:
             params["policy"] = policy
+        if consumer is not None:
+            params["consumer"] = consumer
+        if after is not None:
+            params["after"] = after
+        if lease is not None:
+            params["lease"] = lease
         return "?" + urlencode(params) if params else ""
 
     def _error(self, status: int, body: Any, url: str, name: str | None = None) -> NDRelayError:
@@ -144,15 +160,18 @@ class _BaseClient:
             return cls(message, stream_name=name)  # type: ignore[call-arg]
         return RelayHTTPError(f"{message} ({url})", status=status, body=body)
 
-    def _open_stream(
-        self, name: str, batch: int | None, stack: bool, policy: str | None
-    ) -> tuple[HTTPResponse, StreamState]:
-        """Send a stream request and read the answer's head (blocking): the open response
-        and a fresh `StreamState`, or the relay's error raised."""
-        if stack and batch is None:
-            raise ValueError("stack=True needs batch=N")
-        state = StreamState(name, batch, stack)
-        path = self._path(name) + self._stream_query(batch, policy)
+    def _request_stream(
+        self,
+        name: str,
+        batch: int | None,
+        policy: str | None,
+        consumer: str | None,
+        after: int | None,
+        lease: float | None,
+    ) -> HTTPResponse:
+        """Send a stream request and read the answer's head (blocking): the open
+        response, or the relay's error raised."""
+        path = self._path(name) + self._stream_query(batch, policy, consumer, after, lease)
         conn, url = open_request(
             self._endpoint, "GET", path, {"Accept": "application/x-msgpack", **self._headers}
         )
@@ -161,7 +180,54 @@ class _BaseClient:
             body = _json_or_text(response.read_all())
             response.close()
             raise self._error(response.status, body, url, name)
-        return response, state
+        return response
+
+    def _open_stream(
+        self,
+        name: str,
+        batch: int | None,
+        stack: bool,
+        policy: str | None,
+        consumer: str | None = None,
+        lease: float | None = None,
+        reconnect: float = 30.0,
+    ) -> tuple[HTTPResponse, StreamState, dict[str, Any]]:
+        """Open a stream (blocking): the response, a fresh `StreamState`, and the rest of
+        what a `RemoteStream` needs (how to reopen it, its acknowledgements)."""
+        if stack and batch is None:
+            raise ValueError("stack=True needs batch=N")
+        if reconnect < 0:
+            raise ValueError(f"reconnect must be a number of seconds >= 0, got {reconnect!r}")
+        if consumer is None:  # named, so that it can resume and acknowledge
+            consumer = f"py-{uuid.uuid4().hex[:16]}"
+        response = self._request_stream(name, batch, policy, consumer, None, lease)
+        headers = response.headers
+        mode = headers.get("ndrelay-mode")
+        state = StreamState(name, batch, stack, mode)
+        consumer = headers.get("ndrelay-consumer", consumer)
+
+        def reopen(after: int | None) -> HTTPResponse:
+            return self._request_stream(name, batch, policy, consumer, after, lease)
+
+        acks = None
+        if mode == "queue":
+            size = _int_header(headers, "ndrelay-size", 64)
+            if batch is not None and batch > size:
+                response.close()
+                raise ValueError(
+                    f"batch={batch} is larger than stream {name!r} (size={size}): a "
+                    "consumer holds at most size unacknowledged items, so such a batch "
+                    "could never fill; use batch <= size, or a larger stream"
+                )
+            acks = AckChannel(
+                self._endpoint,
+                self._path(name, "/ack"),
+                self._headers,
+                consumer,
+                _int_header(headers, "ndrelay-size", 64),
+                _int_header(headers, "ndrelay-max-bytes", 1 << 28),
+            )
+        return response, state, {"reopen": reopen, "reconnect": reconnect, "acks": acks}
 
     def _upload(
         self,
@@ -237,6 +303,13 @@ class _BaseClient:
         return response
 
 
+def _int_header(headers: dict[str, str], name: str, default: int) -> int:
+    try:
+        return max(1, int(headers.get(name, default)))
+    except ValueError:
+        return default
+
+
 def relay_url(url: str) -> str:
     """`url` without a trailing `/`; `http://` is assumed when it names no scheme
     (`localhost:8000`, `rig:8000`), as curl does.
@@ -292,19 +365,27 @@ class _UnitQueue:
     any library, which knows only its own sentinel class, still raises it
     (roverd's `Channel.consume` wraps queues in roverd's own `Buffer`). `sentinels`
     is a view that gives ndrelay's `ExceptionSentinel` instead, for code that wants it.
+
+    Next to each unit it keeps the seq of the unit's last item: a unit that `get()`
+    hands out counts as taken by the application, and is acknowledged (queue mode).
     """
 
     def __init__(self, maxsize: int) -> None:
         self.maxsize = max(1, maxsize)
         self._units: deque[Any] = deque()
+        self._seqs: deque[int] = deque()
         self._terminal: list[Any] = []  # [None] or [ExceptionSentinel(...)] once finished
         self._cond = threading.Condition()
         self._closed = False
         #: called (in the reader thread) when units or the terminal arrive in an empty
         #: queue: how an asyncio reader learns there is something to take
         self.on_ready: Any = None
+        #: the stream this queue belongs to, once `.queue` was handed out (keeps it alive)
+        self._owner: Any = None
+        #: the `RemoteStream` that reports units taken with `get()` (queue mode)
+        self._taker: Any = None
 
-    def put_many(self, units: list[Any]) -> bool:
+    def put_many(self, units: list[Any], seqs: list[int]) -> bool:
         """Add units in order, waiting while full; False if the queue was closed meanwhile."""
         with self._cond:
             while units:
@@ -315,7 +396,8 @@ class _UnitQueue:
                 room = self.maxsize - len(self._units)
                 was_empty = not self._units
                 self._units.extend(units[:room])
-                units = units[room:]
+                self._seqs.extend(seqs[:room])
+                units, seqs = units[room:], seqs[room:]
                 if was_empty:
                     self._cond.notify_all()
                     if self.on_ready is not None:
@@ -340,15 +422,16 @@ class _UnitQueue:
         if self.on_ready is not None:
             self.on_ready()
 
-    def take_ready(self) -> tuple[list[Any], Any]:
-        """Without waiting: every unit held, and the terminal (`None` or an
-        `ExceptionSentinel`) if the stream has finished, else `_OPEN`."""
+    def take_ready(self) -> tuple[list[Any], list[int], Any]:
+        """Without waiting: every unit held (and their seqs), and the terminal (`None` or
+        an `ExceptionSentinel`) if the stream has finished, else `_OPEN`."""
         with self._cond:
-            units = list(self._units)
+            units, seqs = list(self._units), list(self._seqs)
             self._units.clear()
+            self._seqs.clear()
             if units:
                 self._cond.notify()  # the reader may wait for room
-            return units, (self._terminal[0] if self._terminal else _OPEN)
+            return units, seqs, (self._terminal[0] if self._terminal else _OPEN)
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         """The next unit; `None` at the end; raises the stream's error (the producer's
@@ -369,9 +452,10 @@ class _UnitQueue:
             while True:
                 if self._units:
                     unit = self._units.popleft()
+                    seq = self._seqs.popleft()
                     if len(self._units) == self.maxsize - 1:
                         self._cond.notify()  # the reader may wait for room
-                    return unit
+                    break
                 if self._terminal:
                     return self._terminal[0]
                 if not block:
@@ -380,19 +464,24 @@ class _UnitQueue:
                 if wait is not None and wait <= 0:
                     raise queue_module.Empty
                 self._cond.wait(wait)
+        if self._taker is not None:
+            self._taker._took_one(unit, seq)
+        return unit
 
     def get_nowait(self) -> Any:
         return self.get(block=False)
 
-    def take_all(self) -> list[Any]:
-        """Every unit held (waiting for one); `[]` once only the terminal is left."""
+    def take_all(self, block: bool = True) -> tuple[list[Any], list[int]]:
+        """Every unit held and their seqs (waiting for one, unless `block` is false);
+        `[]` once only the terminal is left."""
         with self._cond:
-            while not self._units and not self._terminal:
+            while block and not self._units and not self._terminal:
                 self._cond.wait()
-            units = list(self._units)
+            units, seqs = list(self._units), list(self._seqs)
             self._units.clear()
+            self._seqs.clear()
             self._cond.notify()
-            return units
+            return units, seqs
 
     def empty(self) -> bool:
         with self._cond:
@@ -422,21 +511,173 @@ class _SentinelView:
         return self._units.qsize()
 
 
+class _Closing(Exception):
+    """The stream was closed while its reader waited to reconnect."""
+
+
+class _Reader:
+    """The background half of a `RemoteStream`: reads its response into the queue, and
+    when the response is cut off, reconnects (same consumer id, `after=` the last seq
+    received) with bounded exponential backoff. Holds no reference to the stream, so a
+    stream nobody holds any more is closed by the garbage collector."""
+
+    def __init__(
+        self,
+        response: HTTPResponse,
+        state: StreamState,
+        queue: _UnitQueue,
+        max_frame_size: int,
+        reopen: Any,
+        reconnect: float,
+    ) -> None:
+        self.response = response
+        self.state = state
+        self.queue = queue
+        self.max_frame_size = max_frame_size
+        self.reopen = reopen
+        self.reconnect = reconnect
+        self.reconnects = 0
+        self.closing = threading.Event()
+        self.items = 0  # items received, and their bytes (roughly): for acknowledgements
+        self.bytes = 0
+        self.thread = threading.Thread(
+            target=self.run, name=f"ndrelay-stream-{state.name}", daemon=True
+        )
+        self.thread.start()
+
+    def weigh(self, items: int) -> int:
+        """About how many bytes `items` items weigh (the average so far)."""
+        return items * self.bytes // self.items if self.items else 0
+
+    def run(self) -> None:
+        state, queue = self.state, self.queue
+        try:
+            while True:
+                try:
+                    self._read()
+                    return
+                except Exception as exc:
+                    if self.closing.is_set():
+                        return
+                    exc = self._translate(exc)
+                    if (
+                        not isinstance(exc, StreamInterrupted)
+                        or self.reopen is None
+                        or self.reconnect <= 0
+                    ):
+                        raise exc from None
+                    self._reconnect(exc)
+        except _Closing:
+            return
+        except Exception as exc:
+            if self.closing.is_set():
+                return
+            units = state.flush()
+            queue.put_many(units, state.unit_seqs)
+            queue.finish(ExceptionSentinel(exc))
+        finally:
+            self.response.close()
+
+    def _read(self) -> None:
+        state, queue, response = self.state, self.queue, self.response
+        decoder = FrameDecoder(self.max_frame_size)
+        batch = state.batch
+        received = response.received
+        for frames in response.iter_frames(decoder):
+            units = state.handle_all(frames)
+            if units:
+                self.items += len(units) if batch is None else sum(len(u) for u in units)
+                self.bytes += response.received - received
+                received = response.received
+                if not queue.put_many(units, state.unit_seqs):
+                    return  # closed by the reader
+            if state.finished:
+                queue.finish(None if state.error is None else ExceptionSentinel(state.error))
+                return
+        raise StreamInterrupted(
+            f"stream {state.name!r} was cut off after seq {state.last_seq} (no end or error frame)",
+            url=response.url,
+        )
+
+    def _translate(self, exc: Exception) -> Exception:
+        url = self.response.url
+        if isinstance(exc, OSError):
+            return StreamInterrupted(f"stream {self.state.name!r} broke: {exc}", url=url)
+        if isinstance(exc, RelayTimeout) and exc.url is None:
+            return RelayTimeout(
+                f"stream {self.state.name!r}: no data within the read timeout", url=url
+            )
+        return exc
+
+    def _reconnect(self, cause: Exception) -> None:
+        """Open the stream again, resuming after the last seq received; raises
+        `StreamInterrupted` (from the last failure) when `reconnect` seconds pass."""
+        state = self.state
+        deadline = time.monotonic() + self.reconnect
+        delay = 0.05
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise StreamInterrupted(
+                    f"stream {state.name!r} was cut off after seq {state.last_seq} and "
+                    f"could not be resumed within {self.reconnect:g} s (last: {cause})",
+                    url=self.response.url,
+                ) from cause
+            if self.closing.wait(min(delay, remaining)):
+                raise _Closing
+            delay = min(delay * 2, 1.0)
+            after = state.last_seq if state.last_seq >= 0 else None
+            try:
+                response = self.reopen(after)
+            except StreamNotFound as exc:
+                raise StreamNotFound(
+                    f"stream {state.name!r} is gone from the relay after the connection "
+                    "was cut: a relay on the in-memory backend loses its streams when it "
+                    "restarts",
+                    stream_name=state.name,
+                ) from exc
+            except (TransportError, RegistryError, RelayHTTPError) as exc:
+                cause = exc  # not there yet: try again
+                continue
+            self.response.close()
+            self.response = response
+            self.reconnects += 1
+            return
+
+
+#: Streams not closed yet: closed (acknowledged and released) at interpreter exit.
+_LIVE: weakref.WeakSet[RemoteStream] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_streams() -> None:
+    for remote in list(_LIVE):
+        try:
+            remote.close(timeout=2.0)
+        except Exception:  # exiting: best effort
+            pass
+
+
 class RemoteStream(Buffer[Any]):
     """A remote stream as a local `Buffer`: iterate it, or read `.queue`.
 
     A background thread reads the response into a bounded queue (`prefetch` units).
     Iteration ends where the producer ended and raises where it raised (`RemoteError`,
-    also an instance of the producer's builtin exception type); a response cut off
-    before its `end`/`error` frame raises `StreamInterrupted`. `close()` (or leaving a
-    `with` block) stops the thread and the HTTP request.
+    also an instance of the producer's builtin exception type). A response cut off
+    before its `end`/`error` frame is resumed: the reader reconnects with the same
+    consumer id and `after=` the last seq it received, for up to `reconnect` seconds,
+    then raises `StreamInterrupted` (its `__cause__` says why).
+
+    Queue mode: what the application takes out of this `Buffer` (by iterating or with
+    `.queue.get()`) is acknowledged to the relay in the background; `close()` (or
+    leaving a `with` block) acknowledges the last item taken and gives every item read
+    ahead but not taken back to the relay, which hands them to other consumers.
 
     Attributes:
         name: the stream's name.
+        consumer: the consumer id (the relay's `ndrelay-consumer` header).
         state: the `StreamState` (`last_seq`, `gaps` skipped by fanout drop policies).
     """
-
-    queue: _UnitQueue
 
     def __init__(
         self,
@@ -446,70 +687,108 @@ class RemoteStream(Buffer[Any]):
         prefetch: int,
         max_frame_size: int,
         on_ready: Any = None,
+        *,
+        reopen: Any = None,
+        reconnect: float = 0.0,
+        acks: AckChannel | None = None,
     ) -> None:
         super().__init__(_UnitQueue(prefetch))
-        self.queue.on_ready = on_ready
+        queue = self._queue
+        queue.on_ready = on_ready
         self.name = name
         self.state = state
-        self._response = response
-        self._decoder = FrameDecoder(max_frame_size)
-        self._closing = threading.Event()
+        self.consumer = response.headers.get("ndrelay-consumer")
+        self._acks = acks
+        if acks is not None:
+            queue._taker = weakref.proxy(self)
         self._local: deque[Any] = deque()
-        self._thread = threading.Thread(
-            target=self._read, name=f"ndrelay-stream-{name}", daemon=True
-        )
-        self._thread.start()
+        self._group: list[int] = []  # seqs of the units of the last batch taken
+        self._group_items = 0
+        self._closed = False
+        self._reader = _Reader(response, state, queue, max_frame_size, reopen, reconnect)
+        self._thread = self._reader.thread
+        _LIVE.add(self)
 
-    def _read(self) -> None:
-        state, queue = self.state, self.queue
-        try:
-            for frames in self._response.iter_frames(self._decoder):
-                units = state.handle_all(frames)
-                if units and not queue.put_many(units):
-                    return  # closed by the reader
-                if state.finished:
-                    queue.finish(None if state.error is None else ExceptionSentinel(state.error))
-                    return
-            raise StreamInterrupted(
-                f"stream {self.name!r} was cut off after seq {state.last_seq} "
-                "(no end or error frame)",
-                url=self._response.url,
-            )
-        except Exception as exc:
-            if self._closing.is_set():
-                return
-            if isinstance(exc, OSError):
-                exc = StreamInterrupted(
-                    f"stream {self.name!r} broke: {exc}", url=self._response.url
-                )
-            elif isinstance(exc, RelayTimeout) and exc.url is None:
-                exc = RelayTimeout(
-                    f"stream {self.name!r}: no data within the read timeout",
-                    url=self._response.url,
-                )
-            queue.put_many(state.flush())
-            queue.finish(ExceptionSentinel(exc))
-        finally:
-            self._response.close()
+    @property  # type: ignore[override]
+    def queue(self) -> _UnitQueue:
+        """The `ReadableQueue` of units (it keeps this stream open while it is used)."""
+        queue = self._queue
+        queue._owner = self
+        return queue
+
+    @queue.setter
+    def queue(self, queue: _UnitQueue) -> None:
+        self._queue = queue
 
     def __next__(self) -> Any:
         # Take every ready unit in one go: one lock round trip per batch, not per item.
         local = self._local
         if local:
             return local.popleft()
-        units = self.queue.take_all()
+        units = self._next_units()
         if units:
             local.extend(units)
             return local.popleft()
         return super().__next__()  # the end or the error
 
+    def _next_units(self) -> list[Any]:
+        """The next batch of units (waiting for one); `[]` at the end."""
+        self._report_group()
+        queue = self._queue
+        units, seqs = queue.take_all(block=False)
+        if not units:
+            if self._acks is not None:  # about to wait: the relay may wait for acks
+                self._acks.flush(self._reader.items, self._reader.bytes)
+            units, seqs = queue.take_all()
+        self._adopt(units, seqs)
+        return units
+
+    def _adopt(self, units: list[Any], seqs: list[int]) -> None:
+        self._group = seqs
+        batch = self.state.batch
+        self._group_items = len(units) if batch is None else sum(len(u) for u in units)
+
+    def _report_group(self) -> None:
+        """The last batch was taken whole: tell the acknowledgements."""
+        if self._group and self._acks is not None:
+            n = self._group_items
+            self._acks.took(n, self._group[-1], self._reader.weigh(n))
+        self._group = []
+
+    def _took_one(self, unit: Any, seq: int) -> None:  # `.queue.get()`
+        acks = self._acks
+        if acks is not None:
+            n = 1 if self.state.batch is None else len(unit)
+            acks.took(n, seq, self._reader.weigh(n))
+
     def close(self, timeout: float | None = 5.0) -> None:
-        """Stop the reader thread and the HTTP request; iteration then ends."""
-        self._closing.set()
-        self.queue.close()
-        self._response.close()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout)
+        """Stop the reader thread and the HTTP request; iteration then ends.
+
+        Queue mode: acknowledges what the application took and gives the rest back.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        _LIVE.discard(self)
+        reader = self._reader
+        reader.closing.set()
+        self._queue.close()
+        acks = self._acks
+        if acks is not None:
+            taken = len(self._group) - len(self._local)  # of the current batch
+            if taken > 0:
+                acks.took(taken, self._group[taken - 1], 0)
+            self._group = []
+            self._local.clear()
+            acks.finish(release=True, timeout=5.0 if timeout is None else min(timeout, 5.0))
+        reader.response.close()
+        if reader.thread is not threading.current_thread():
+            reader.thread.join(timeout)
+
+    @property
+    def reconnects(self) -> int:
+        """How many times the reader resumed the stream after a cut."""
+        return self._reader.reconnects
 
     def __enter__(self) -> Self:
         return self
@@ -518,10 +797,13 @@ class RemoteStream(Buffer[Any]):
         self.close()
 
     def __del__(self) -> None:
-        if getattr(self, "_thread", None) is not None and self._thread.is_alive():
-            self._closing.set()
-            self.queue.close()
-            self._response.close()
+        # a plain `for x in client.stream(...)` left with `break`: CPython collects the
+        # stream at once, and this acknowledges and releases what it did not take
+        if not getattr(self, "_closed", True):
+            try:
+                self.close(timeout=1.0)
+            except Exception:
+                pass
 
 
 class RelayClient(_BaseClient):
@@ -554,7 +836,8 @@ class RelayClient(_BaseClient):
             verify=self.verify,
             transport=self._httpx_transport(httpx.HTTPTransport),
         )
-        self._streams: list[RemoteStream] = []
+        # weak: a stream nobody holds any more closes (acknowledges, releases) by itself
+        self._streams: weakref.WeakSet[RemoteStream] = weakref.WeakSet()
 
     # -- JSON calls ----------------------------------------------------------------------
 
@@ -606,8 +889,18 @@ class RelayClient(_BaseClient):
         prefetch: int = 64,
         *,
         policy: str | None = None,
+        consumer: str | None = None,
+        lease: float | None = None,
+        reconnect: float = 30.0,
     ) -> RemoteStream:
         """Read a stream: a `Buffer` of items, or of batches with `batch=N`.
+
+        Queue mode: the items it reads ahead are pending for this consumer at the relay;
+        what the application takes is acknowledged in the background, and `close()` (or
+        the end of a `with` block) acknowledges the last item taken and gives the rest
+        back, so other consumers get them: nothing lost, nothing twice. A consumer
+        killed outright loses nothing either: after `lease` seconds the relay hands its
+        unacknowledged items to others (they may then be seen twice, once each).
 
         Args:
             name: the stream.
@@ -615,14 +908,21 @@ class RelayClient(_BaseClient):
             stack: with `batch`, yield one array of shape `(n, *item_shape)` per batch.
             prefetch: units (items or batches) read ahead by the background thread.
             policy: fanout streams: `block`, `drop_oldest` or `latest`.
+            consumer: the consumer id (default: a new random one). A worker that restarts
+                with the same id gets its unacknowledged items back first.
+            lease: seconds the relay keeps this consumer's unacknowledged items for it
+                after its connection ends (default: the relay's `--lease`).
+            reconnect: seconds to keep trying to resume a cut-off response (bounded
+                exponential backoff; `0`: raise `StreamInterrupted` at once).
 
         Raises:
             StreamNotFound, AuthError, ConnectError: at once, before any item.
         """
-        response, state = self._open_stream(name, batch, stack, policy)
-        remote = RemoteStream(response, name, state, prefetch, self.max_frame_size)
-        self._streams = [s for s in self._streams if s._thread.is_alive()]
-        self._streams.append(remote)
+        response, state, extra = self._open_stream(
+            name, batch, stack, policy, consumer, lease, reconnect
+        )
+        remote = RemoteStream(response, name, state, prefetch, self.max_frame_size, **extra)
+        self._streams.add(remote)
         return remote
 
     def publish(
@@ -662,9 +962,9 @@ class RelayClient(_BaseClient):
 
     def close(self) -> None:
         """Close open streams and the HTTP client."""
-        for remote in self._streams:
+        for remote in list(self._streams):
             remote.close()
-        self._streams = []
+        self._streams = weakref.WeakSet()
         self._http.close()
 
     def __enter__(self) -> Self:
@@ -793,16 +1093,17 @@ class AsyncRemoteStream:
         state: StreamState,
         prefetch: int,
         max_frame_size: int,
+        **extra: Any,
     ) -> None:
         self.name = name
         self.state = state
         self._loop = asyncio.get_running_loop()
         self._ready = asyncio.Event()
-        self._local: deque[Any] = deque()
         self._terminal: Any = _OPEN
         self._remote = RemoteStream(
-            response, name, state, prefetch, max_frame_size, on_ready=self._wake
+            response, name, state, prefetch, max_frame_size, on_ready=self._wake, **extra
         )
+        self.consumer = self._remote.consumer
 
     def _wake(self) -> None:  # in the reader thread
         try:
@@ -814,29 +1115,39 @@ class AsyncRemoteStream:
         return self
 
     async def __anext__(self) -> Any:
-        local = self._local
+        remote = self._remote
+        local = remote._local
         if local:
             return local.popleft()
+        remote._report_group()
         while self._terminal is _OPEN:  # (aclose sets it: nothing more after that)
             self._ready.clear()
-            units, terminal = self._remote.queue.take_ready()
+            units, seqs, terminal = remote._queue.take_ready()
             if units:
+                remote._adopt(units, seqs)
                 local.extend(units)
                 return local.popleft()
             if terminal is not _OPEN:
                 self._terminal = terminal
                 break
+            if remote._acks is not None:  # about to wait: the relay may wait for acks
+                remote._acks.flush(remote._reader.items, remote._reader.bytes)
             await self._ready.wait()
         if isinstance(self._terminal, ExceptionSentinel):
             raise self._terminal.exception
         raise StopAsyncIteration
 
     async def aclose(self) -> None:
-        """Stop the reader thread and the HTTP request."""
+        """Stop the reader thread and the HTTP request; queue mode: acknowledge what was
+        taken and give the rest back (see `RemoteStream.close`)."""
         if self._terminal is _OPEN:
             self._terminal = None
-        self._local.clear()
         await asyncio.to_thread(self._remote.close)
+
+    @property
+    def reconnects(self) -> int:
+        """How many times the reader resumed the stream after a cut."""
+        return self._remote.reconnects
 
     async def __aenter__(self) -> Self:
         return self
@@ -901,10 +1212,17 @@ class AsyncRelayClient(_BaseClient):
         prefetch: int = 64,
         *,
         policy: str | None = None,
+        consumer: str | None = None,
+        lease: float | None = None,
+        reconnect: float = 30.0,
     ) -> AsyncRemoteStream:
-        """Read a stream: `async for item in await client.stream(name)`."""
-        response, state = await asyncio.to_thread(self._open_stream, name, batch, stack, policy)
-        remote = AsyncRemoteStream(response, name, state, prefetch, self.max_frame_size)
+        """Read a stream: `async for item in await client.stream(name)`; the same
+        arguments and guarantees as `RelayClient.stream` (use `async with` or `aclose()`
+        to acknowledge and give back what was read ahead)."""
+        response, state, extra = await asyncio.to_thread(
+            self._open_stream, name, batch, stack, policy, consumer, lease, reconnect
+        )
+        remote = AsyncRemoteStream(response, name, state, prefetch, self.max_frame_size, **extra)
         self._streams = [s for s in self._streams if s._remote._thread.is_alive()]
         self._streams.append(remote)
         return remote

@@ -140,6 +140,11 @@ class HTTPResponse:
         self._chunk_left = 0  # bytes left in the current chunk
         self._done = False
 
+    @property
+    def received(self) -> int:
+        """Bytes received on this response's connection so far."""
+        return self._conn.received
+
     def read_all(self, limit: int = 1024 * 1024) -> bytes:
         """The whole (small) body, e.g. a JSON error."""
         out = bytearray()
@@ -261,6 +266,8 @@ class _Connection:
         self._pos = 0
         self.recv_size = _RECV_SIZE
         self._zero_copy_send = not isinstance(sock, ssl.SSLSocket)
+        #: bytes received so far (what a consumer's acknowledgements weigh)
+        self.received = 0
 
     # -- reading -------------------------------------------------------------------------
 
@@ -274,6 +281,7 @@ class _Connection:
             raise RelayTimeout("no data within the read timeout") from None
         if not data:
             return False
+        self.received += len(data)
         self._buf = self._buf[self._pos :] + data if self._pos < len(self._buf) else data
         self._pos = 0
         return True
@@ -288,7 +296,9 @@ class _Connection:
 
     def recv_into(self, target: memoryview, limit: int) -> int:
         try:
-            return self.sock.recv_into(target, limit)
+            n = self.sock.recv_into(target, limit)
+            self.received += n
+            return n
         except TimeoutError:
             raise RelayTimeout("no data within the read timeout") from None
 

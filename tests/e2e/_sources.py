@@ -61,6 +61,11 @@ def numbers(relay: Any) -> None:
     relay.publish("numbers", (np.array([i, i / 2]) for i in range(5)), size=8)
 
 
+def numbered(relay: Any) -> None:
+    """Registers `work`: 2000 int64 items `[i]` in queue mode (size 64), then the end."""
+    relay.publish("work", (np.array([i], dtype=np.int64) for i in range(2000)), size=64)
+
+
 # -- processes --------------------------------------------------------------------------
 
 

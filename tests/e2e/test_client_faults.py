@@ -52,7 +52,7 @@ def test_server_killed_mid_stream_raises_stream_interrupted(source, name):
     proc = ServeProcess("--source", source)
     try:
         with RelayClient(proc.url, read_timeout=5) as client:
-            s = client.stream(name, prefetch=2)
+            s = client.stream(name, prefetch=2, reconnect=1)
             first = [bounded(lambda: next(s), 20) for _ in range(3)]
             proc.signal(signal.SIGKILL)
             proc.proc.wait(timeout=10)
@@ -66,6 +66,8 @@ def test_server_killed_mid_stream_raises_stream_interrupted(source, name):
                 bounded(drain, 20)
             assert not isinstance(info.value, RelayTimeout)
             assert proc.url in str(info.value)
+            assert "could not be resumed within 1 s" in str(info.value)
+            assert isinstance(info.value.__cause__, ConnectError)  # the relay is gone
             # what arrived before the cut is whole and in order
             values = [int(a[0]) for a in first + got]
             if name == "endless":
@@ -85,7 +87,7 @@ async def test_async_server_killed_mid_stream_raises_stream_interrupted(anyio_ba
     proc = ServeProcess("--source", "_sources:endless")
     try:
         async with AsyncRelayClient(proc.url, read_timeout=5) as client:
-            s = await client.stream("endless", prefetch=2)
+            s = await client.stream("endless", prefetch=2, reconnect=1)
             with anyio.fail_after(20):
                 for _ in range(3):
                     await s.__anext__()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
 
 import httpx
@@ -121,10 +122,15 @@ def test_an_upload_and_a_batched_read_through_nginx_arrive_byte_for_byte(server,
     items = arrays(24, 2)
     url = nginx(server.port)
     with RelayClient(url, read_timeout=30) as client:
-        client.create("up", 4)  # smaller than the upload: it waits for the reader
+        client.create("up", 8)  # smaller than the upload: it waits for the reader
         reader = client.stream("up", batch=5, stack=True)
-        answer = bounded(lambda: client.publish("up", iter(items)), 60)
-        assert (answer["items"], answer["next_seq"]) == (24, 24)
+        answers: list = []
+        upload = threading.Thread(
+            target=lambda: answers.append(client.publish("up", iter(items))), daemon=True
+        )
+        upload.start()
         got = bounded(lambda: list(reader), 60)
+        upload.join(60)
+        assert (answers[0]["items"], answers[0]["next_seq"]) == (24, 24)
     assert [len(b) for b in got] == [5, 5, 5, 5, 4]
     assert np.concatenate(got).tobytes() == np.stack(items).tobytes()

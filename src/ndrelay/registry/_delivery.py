@@ -100,8 +100,15 @@ class ConsumerRecord:
         self.expires = None
         self.sent = 0
         if after is not None:
-            for i, entry in enumerate(self.pending):
-                if entry[0] <= after < entry[0] + entry_count(entry):
+            pending = self.pending
+            for i, entry in enumerate(pending):
+                n = entry_count(entry)
+                if entry[0] <= after < entry[0] + n:
+                    k = after - entry[0] + 1
+                    if k < n:  # the client got part of a block: the rest goes again
+                        head, rest = split_entry(entry, k)
+                        pending[i] = head
+                        pending.insert(i + 1, rest)
                     self.sent = i + 1
                     break
 

@@ -657,7 +657,7 @@ class MemoryStream:
                 del self._records[consumer]
             if count:
                 self._space_freed()
-            if released or count and not self._pending_items:
+            if released or count and self._terminal is not None:
                 self._data_waiters.wake()  # items back, or the end may go out now
             return {"acked": count, "released": released, "pending": pending}
 
@@ -718,6 +718,12 @@ class MemoryStream:
                     del self._records[record.id]
             # a departed `block` consumer may have been what held the producer
             self._space_freed()
+
+    def _leased(self) -> bool:
+        """Whether a departed consumer's pending items wait for its lease (lock held)."""
+        if self._next_expiry == math.inf:
+            return False
+        return any(r.conn is None and r.pending for r in self._records.values())
 
     def _seconds_to_expiry(self) -> float | None:
         """How long until the next lease ends (lock held), `None` if none runs."""
@@ -864,9 +870,9 @@ class MemoryConsumer:
                 s.consumed += fresh
                 s.consumed_bytes += taken
                 if not out:
-                    # the end goes out once nothing is queued or pending anywhere: a
-                    # pending item may still come back (released, or its lease ran out)
-                    return s._terminal if not s._pending_items else None
+                    # the end goes out once nothing is queued and no departed consumer's
+                    # items wait for its lease: they would come back to the queue then
+                    return s._terminal if not s._leased() else None
                 return out
             if not items or self.cursor > items[-1][0]:
                 return s._terminal
@@ -899,7 +905,7 @@ class MemoryConsumer:
     async def wait(self) -> None:
         s = self.stream
         with s._lock:
-            if s._aborted or s._terminal is not None and not s._pending_items:
+            if s._aborted or s._terminal is not None and not s._leased():
                 return
             if self.superseded:
                 return

@@ -42,12 +42,14 @@ def _rows(items: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
 
 
 def _runs(items: list[tuple[int, Any]], limit: int) -> list[tuple[int, Any]]:
-    """Split `(seq, item)` pairs (consecutive seqs) into runs of up to `limit` arrays
-    of one dtype and shape (lists), or `Block`s of up to `limit` rows; any other item
-    is a run of its own."""
+    """Split `(seq, item)` pairs into runs of up to `limit` arrays of one dtype and shape
+    and consecutive seqs (lists), or `Block`s of up to `limit` rows; any other item is a
+    run of its own. (A queue consumer's items need not have consecutive seqs: items given
+    back by another consumer come first.)"""
     runs: list[tuple[int, Any]] = []
     layout: Any = None
     current: list[Any] = []
+    start = 0
     for seq, item in items:
         if type(item) is Block:
             array = item.array
@@ -55,10 +57,11 @@ def _runs(items: list[tuple[int, Any]], limit: int) -> list[tuple[int, Any]]:
             layout = None
             continue
         key = (item.dtype, item.shape) if type(item) is np.ndarray else None
-        if key is None or key != layout or len(current) >= limit:
+        if key is None or key != layout or len(current) >= limit or seq != start + len(current):
             current = [item]
             runs.append((seq, current))
             layout = key
+            start = seq
         else:
             current.append(item)
     return runs

@@ -25,7 +25,7 @@ import httpx
 import numpy as np
 
 from ._acks import AckChannel
-from ._buffers import Buffer, ExceptionSentinel, Prefetch
+from ._buffers import _END, Buffer, ExceptionSentinel, Prefetch
 from ._codec import (
     DEFAULT_MAX_FRAME_SIZE,
     FrameDecoder,
@@ -729,7 +729,20 @@ class RemoteStream(Buffer[Any]):
         if units:
             local.extend(units)
             return local.popleft()
-        return super().__next__()  # the end or the error
+        return self._at_terminal()
+
+    def _at_terminal(self) -> Any:
+        """The end (StopIteration) or the error, for good; the stream closes itself
+        (its last acknowledgement goes out now)."""
+        if self._terminal is None:
+            unit = self._queue._get()
+            if isinstance(unit, ExceptionSentinel):
+                self._terminal = unit
+                self._traceback = unit.exception.__traceback__
+            else:
+                self._terminal = _END
+            self.close()
+        self._raise_terminal(self._terminal)
 
     def _next_units(self) -> list[Any]:
         """The next batch of units (waiting for one); `[]` at the end."""
@@ -1129,6 +1142,7 @@ class AsyncRemoteStream:
                 return local.popleft()
             if terminal is not _OPEN:
                 self._terminal = terminal
+                await asyncio.to_thread(remote.close)  # its last acknowledgement goes out
                 break
             if remote._acks is not None:  # about to wait: the relay may wait for acks
                 remote._acks.flush(remote._reader.items, remote._reader.bytes)

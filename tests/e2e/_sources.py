@@ -142,6 +142,7 @@ class ServeProcess:
             where = ["--uds", uds] if uds else ["--port", str(self.port)]
         self.args = ["serve", *where, "--log-level", "warning", *args]
         self._stderr = tempfile.TemporaryFile(mode="w+")
+        self._stdout = tempfile.TemporaryFile(mode="w+")
 
         def limits() -> None:
             if nofile is not None:
@@ -151,7 +152,7 @@ class ServeProcess:
             ndrelay_cmd(*self.args),
             env=env if env is not None else clean_env(),
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
+            stdout=self._stdout,
             stderr=self._stderr,
             preexec_fn=limits if nofile is not None else None,
         )
@@ -190,6 +191,14 @@ class ServeProcess:
         if self.proc.poll() is None:
             os.kill(self.pid, sig)
 
+    def stdout_text(self) -> str:
+        """What it printed on stdout (uvicorn's access log goes there)."""
+        if self._stdout.closed:
+            return ""
+        self._stdout.flush()
+        self._stdout.seek(0)
+        return self._stdout.read()
+
     def stderr_text(self) -> str:
         if self._stderr.closed:
             return ""
@@ -206,6 +215,7 @@ class ServeProcess:
                 pass
         self.proc.wait(timeout=10)
         self._stderr.close()
+        self._stdout.close()
 
 
 # -- bounded calls ----------------------------------------------------------------------

@@ -52,6 +52,7 @@ from .openapi import (
     upload_responses,
 )
 from .rates import RateMeter
+from .redact import SecretRedactor
 from .relay import Relay, Settings, check_origin
 from .trust import TrustedHosts, WriteOrigins
 from .upload import UploadResponse
@@ -168,11 +169,15 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # uvicorn has set its logging up by now; from here the token never reaches a log
+        redactor = SecretRedactor(lambda: the_relay.settings.token)
+        redactor.install()
         sampler = asyncio.ensure_future(rates.run(all_infos))
         sweeper = asyncio.create_task(expiry.run(lambda: the_relay.closed))
         try:
             yield
         finally:
+            redactor.uninstall()
             sampler.cancel()
             sweeper.cancel()
             await asyncio.gather(sampler, sweeper, return_exceptions=True)

@@ -191,7 +191,7 @@ def _uint(value: Any, key: str) -> int:
         value = int(value)
     if not 0 <= value < 1 << 64:
         raise LocalProtocolError(f"{key} must be a non-negative integer, got {value!r}", key=key)
-    return value
+    return int(value)
 
 
 def encode_data_parts(seq: int, data: Any, count: int | None = None) -> list[bytes | memoryview]:
@@ -241,9 +241,9 @@ def encode_data_parts(seq: int, data: Any, count: int | None = None) -> list[byt
 def _byte_view(array: np.ndarray) -> memoryview:
     """The bytes of a C-contiguous array, without a copy."""
     try:
-        return memoryview(array).cast("B")
+        return array.data.cast("B")
     except (TypeError, ValueError):  # empty arrays, datetimes: not plain buffers
-        return memoryview(array.reshape(-1).view(np.uint8))
+        return array.reshape(-1).view(np.uint8).data
 
 
 def encode_items(pairs: Iterable[tuple[int, Any]], inline: int = 1024) -> list[bytes | memoryview]:
@@ -256,7 +256,7 @@ def encode_items(pairs: Iterable[tuple[int, Any]], inline: int = 1024) -> list[b
         LocalProtocolError: as `encode_data_parts`.
     """
     out: list[bytes | memoryview] = []
-    run: list[bytes] = []
+    run: list[bytes | memoryview] = []
     cache = _header_cache
     for seq, item in pairs:
         if type(item) is np.ndarray and type(seq) is int and seq >= 0:
@@ -453,6 +453,7 @@ class _Payload:
         self, header: dict[str, Any], nbytes: int, index: int, seq_optional: bool = False
     ) -> None:
         self.seq = _seq(header, index, seq_optional)
+        self.dtype: np.dtype[Any] | None
         if "dtype" in header:
             self.dtype, self.shape, self.count = _array_layout(header, nbytes, index)
         else:
@@ -463,7 +464,7 @@ class _Payload:
             self.dtype = None
         self.nbytes = nbytes
         self.buffer: Any = np.empty(min(nbytes, _DIRECT_ALLOC), dtype=np.uint8)
-        self.view = memoryview(self.buffer)
+        self.view: memoryview = self.buffer.data
         self.filled = 0
 
     def room(self) -> memoryview:
@@ -477,7 +478,7 @@ class _Payload:
         size = min(self.nbytes, 2 * len(self.view))
         buffer = np.empty(size, dtype=np.uint8)
         buffer[: self.filled] = self.buffer[: self.filled]
-        self.buffer, self.view = buffer, memoryview(buffer)
+        self.buffer, self.view = buffer, buffer.data
 
     def frame(self) -> DataFrame:
         if self.dtype is None:

@@ -351,7 +351,7 @@ class _Connection:
             return
         views = [memoryview(b).cast("B") for b in buffers if len(b)]
         while views:
-            sent = self.sock.sendmsg(views[:512])
+            sent = self.sock.sendmsg(views[:512])  # type: ignore[arg-type]  # never SSL here
             while sent:
                 if sent >= len(views[0]):
                     sent -= len(views[0])

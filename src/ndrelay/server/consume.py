@@ -176,6 +176,7 @@ class FrameStreamResponse(Response):
             body = b"".join(encode(f) for f in frames)
             await send({"type": "http.response.body", "body": body, "more_body": not last})
             return
+        buffers: list[Any]
         if not frames or isinstance(frames[0], Frame):
             buffers = [encode_frame(f) for f in frames]
         elif self.batch > 1:

@@ -27,7 +27,7 @@ def _array_json(array: np.ndarray) -> Any:
     if kind == "c":
         return _array_json(np.stack([array.real, array.imag], axis=-1))
     if kind == "f" and not np.isfinite(array).all():
-        return np.where(np.isfinite(array), array, None).tolist()
+        return np.where(np.isfinite(array), array, np.array(None)).tolist()
     if kind in "mM":
         return np.datetime_as_string(array).tolist() if kind == "M" else array.astype(str).tolist()
     if kind == "S":

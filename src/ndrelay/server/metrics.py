@@ -102,7 +102,7 @@ def _family(cls: type, name: str, doc: str, values: list[float]) -> Metric:
 def metrics_response(registry: Registry) -> Response:
     """The current metrics of `registry`'s streams."""
     collectors = CollectorRegistry(auto_describe=False)
-    collectors.register(_StreamCollector(registry))  # type: ignore[arg-type]
+    collectors.register(_StreamCollector(registry))
     # process_resident_memory_bytes, process_cpu_seconds_total, process_open_fds, ...
     # (read from /proc; absent where there is none), and python_info
     ProcessCollector(registry=collectors)

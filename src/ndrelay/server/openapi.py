@@ -88,9 +88,11 @@ def _error(description: str) -> dict[str, Any]:
     return {"model": ErrorBody, "description": description}
 
 
-_AUTH = {401: _error("missing or wrong bearer token (when the relay has one)")}
-_NAME = {422: _error("invalid stream name or parameter")}
-_MISSING = {404: _error("no such stream")}
+_AUTH: dict[int | str, dict[str, Any]] = {
+    401: _error("missing or wrong bearer token (when the relay has one)")
+}
+_NAME: dict[int | str, dict[str, Any]] = {422: _error("invalid stream name or parameter")}
+_MISSING: dict[int | str, dict[str, Any]] = {404: _error("no such stream")}
 _FRAME_SCHEMA = {"type": "string", "format": "binary"}
 
 metrics_responses: dict[int | str, dict[str, Any]] = {

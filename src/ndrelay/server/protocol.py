@@ -149,7 +149,7 @@ class VectoredHttpProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is not None and cycle.scope is self.scope:
-            extensions = self.scope.setdefault("extensions", {})  # type: ignore[typeddict-item]
+            extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
             extensions[EXTENSION] = _Vectored(self, cycle)
             self._chunks = extensions[RECEIVE_EXTENSION] = _Chunks(self, cycle)
 

@@ -77,16 +77,6 @@ def _env_size(name: str) -> int:
     return parse_size(value, name)
 
 
-def _env_float(name: str, default: float) -> float:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return default
-    try:
-        return float(value)
-    except ValueError:
-        raise ValueError(f"{name} must be a number of seconds, got {value!r}") from None
-
-
 @dataclass
 class Settings:
     """Server settings; `Settings.from_env()` reads the `NDRELAY_*` environment.

@@ -6,8 +6,9 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
+import numpy as np
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
@@ -159,7 +160,8 @@ class UploadResponse(Response):
                         raise _Refused(400, "frame after the end of the stream", index)
                     if isinstance(frame, DataFrame):
                         # a batched frame stays one block: its rows are the items
-                        item = frame.data if frame.count is None else Block(frame.data)
+                        data = frame.data
+                        item = data if frame.count is None else Block(cast(np.ndarray, data))
                         try:
                             stream.check_item(item)
                         except NDRelayError as exc:

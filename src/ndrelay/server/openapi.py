@@ -72,6 +72,10 @@ class StreamInfo(BaseModel):
     bytes: int = Field(description="payload bytes buffered")
     producers: int
     consumers: int
+    ttl: float | None = Field(None, description="seconds a stream may stay unused (`--stream-ttl`)")
+    expires_in: float | None = Field(
+        None, description="seconds until it is removed if nobody uses it; null while in use"
+    )
 
 
 class UploadResult(BaseModel):
@@ -93,6 +97,10 @@ _AUTH: dict[int | str, dict[str, Any]] = {
 }
 _NAME: dict[int | str, dict[str, Any]] = {422: _error("invalid stream name or parameter")}
 _MISSING: dict[int | str, dict[str, Any]] = {404: _error("no such stream")}
+#: Writes from a web page of another origin, with no token set (`trust.WriteOrigins`).
+_ORIGIN: dict[int | str, dict[str, Any]] = {
+    403: _error("a write from a page of another origin while the relay has no token")
+}
 _FRAME_SCHEMA = {"type": "string", "format": "binary"}
 
 metrics_responses: dict[int | str, dict[str, Any]] = {
@@ -122,7 +130,9 @@ create_responses: dict[int | str, dict[str, Any]] = {
     400: _error("the body is not JSON"),
     409: _error("the stream exists with another definition"),
     **_AUTH,
+    **_ORIGIN,
     **_NAME,
+    422: _error("invalid stream name or parameter, or `max_bytes` over `--max-memory`"),
     503: _error("too many streams"),
 }
 info_responses: dict[int | str, dict[str, Any]] = {
@@ -131,7 +141,7 @@ info_responses: dict[int | str, dict[str, Any]] = {
     **_AUTH,
     **_NAME,
 }
-delete_responses: dict[int | str, dict[str, Any]] = {**_MISSING, **_AUTH, **_NAME}
+delete_responses: dict[int | str, dict[str, Any]] = {**_MISSING, **_AUTH, **_ORIGIN, **_NAME}
 latest_responses: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "the newest buffered item as one data frame",
@@ -163,8 +173,10 @@ upload_responses: dict[int | str, dict[str, Any]] = {
     200: {"model": UploadResult, "description": "every frame of the body accepted"},
     400: _error("a malformed frame (those before it are kept: `accepted`)"),
     409: _error("the stream has finished, or a producer seq out of order"),
+    408: _error("the body sent nothing for `--upload-idle-timeout` (frames before it kept)"),
     413: _error("a frame over the size limit"),
     **_AUTH,
+    **_ORIGIN,
     422: _error("invalid stream name, or an array against the stream's dtype/shape"),
     503: _error("too many streams"),
 }
@@ -177,6 +189,7 @@ ack_responses: dict[int | str, dict[str, Any]] = {
         "out), a seq never delivered to it, or a fanout stream"
     ),
     **_AUTH,
+    **_ORIGIN,
     **_NAME,
 }
 

@@ -156,3 +156,18 @@ def test_the_client_raises_on_validation_errors_with_their_message(server):
             client.create("s", size=0)
     assert info.value.status == 422
     assert info.value.body["error"] == "ValidationError"
+
+
+def test_a_refused_cors_preflight_has_the_same_shape(serve):
+    handle = serve(cors_origins=["http://viz.test:3000"])
+    preflight = {"Access-Control-Request-Method": "GET"}
+    with httpx.Client(base_url=handle.url, timeout=20) as http:
+        refused = http.options("/streams", headers={**preflight, "Origin": "http://evil.test"})
+        allowed = http.options("/streams", headers={**preflight, "Origin": "http://viz.test:3000"})
+    assert refused.status_code == 400
+    assert refused.headers["content-type"] == "application/json"
+    body = refused.json()
+    assert body["error"] == "CORSRefused"
+    assert "origin" in body["message"] and "http://evil.test" in body["message"]
+    assert allowed.status_code == 200
+    assert allowed.headers["access-control-allow-origin"] == "http://viz.test:3000"

@@ -13,7 +13,6 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
-from starlette.middleware.cors import CORSMiddleware
 
 from .._codec import (
     MEDIA_TYPE,
@@ -32,7 +31,7 @@ from .ack import AckResponse
 from .apidocs import install_docs
 from .consume import FrameStreamResponse
 from .dashboard import add_dashboard
-from .errors import error_body, install_error_handlers
+from .errors import CORS, error_body, install_error_handlers
 from .expiry import Expiry
 from .formats import FORMATS, ndjson_line
 from .metrics import metrics_response
@@ -204,7 +203,7 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
     )
     if relay.settings.cors_origins:
         app.add_middleware(
-            CORSMiddleware,
+            CORS,
             allow_origins=[check_origin(o) for o in relay.settings.cors_origins],
             allow_methods=["GET", "POST", "PUT", "DELETE"],
             allow_headers=["authorization", "content-type", "last-event-id"],

@@ -6,10 +6,11 @@
 
 `error` is a stable, machine-readable name (an ndrelay exception class such as
 `StreamNotFound`, `ValidationError` for bad parameters or bodies, `UploadRefused` for a
-refused upload frame, or the HTTP status phrase in CamelCase, such as `NotFound` for an
-unknown path); `message` is one line for a human. Some errors add context keys:
-`stream_name`, `frame_index`, `key`, `reason`, `accepted`, `next_seq` (uploads) and
-`errors` (validation: one `{loc, msg, type}` per problem).
+refused upload frame, `CORSRefused` for a refused cross-origin preflight, or the HTTP
+status phrase in CamelCase, such as `NotFound` for an unknown path); `message` is one
+line for a human. Some errors add context keys: `stream_name`, `frame_index`, `key`,
+`reason`, `accepted`, `next_seq` (uploads) and `errors` (validation: one
+`{loc, msg, type}` per problem).
 """
 
 from __future__ import annotations
@@ -23,13 +24,16 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
 from starlette.routing import Match
 
 from .._exceptions import NDRelayError
 from ..registry import check_name
 
-__all__ = ["ErrorBody", "error_body", "install_error_handlers"]
+__all__ = ["CORS", "ErrorBody", "error_body", "install_error_handlers"]
 
 log = logging.getLogger("ndrelay")
 
@@ -140,3 +144,21 @@ def install_error_handlers(app: FastAPI) -> None:
         # Starlette logs the traceback after this answer; the client gets no internals.
         body = error_body("InternalError", f"internal server error ({type(exc).__name__})")
         return JSONResponse(body, status_code=500)
+
+
+class CORS(CORSMiddleware):
+    """Starlette's CORS middleware, with a refused preflight answered as an `ErrorBody`
+    (`CORSRefused`) instead of plain text."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code < 400:
+            return response
+        body = error_body(
+            "CORSRefused",
+            f"{bytes(response.body).decode()}: origin {request_headers.get('origin')!r}, "
+            f"method {request_headers.get('access-control-request-method')!r}, headers "
+            f"{request_headers.get('access-control-request-headers')!r}",
+        )
+        headers = {k: v for k, v in response.headers.items() if k.lower().startswith("access-")}
+        return JSONResponse(body, status_code=response.status_code, headers=headers)

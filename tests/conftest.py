@@ -1,4 +1,5 @@
-"""Shared fixtures: a real uvicorn server on 127.0.0.1 running a `Relay`."""
+"""Shared fixtures: a real uvicorn server on 127.0.0.1 running a `Relay`; `need(program)`;
+a headless Chromium (`browser`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -82,3 +84,37 @@ def serve() -> Iterator[Callable[..., ServerHandle]]:
 def server(serve: Callable[..., ServerHandle]) -> ServerHandle:
     """One running relay with default settings."""
     return serve()
+
+
+# -- headless Chromium (Debian's chromium driven by Playwright; never a downloaded browser)
+
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Any]:
+    """A Chromium context with a fresh profile; `browser.new_page()` opens a tab."""
+    chromium = need("chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(tmp_path / "profile"),
+            executable_path=chromium,
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": 1100, "height": 720},
+        )
+        try:
+            yield context
+        finally:
+            context.close()

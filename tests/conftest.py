@@ -28,9 +28,13 @@ def need(program: str) -> str:
 
 
 class ServerHandle:
-    """A running relay: its `url`, its in-process `relay`, and `stop()`."""
+    """A running relay: its `url`, its in-process `relay`, and `stop()`.
 
-    def __init__(self, relay: Relay, **config: Any) -> None:
+    `wrap(app)` may return an ASGI app around the relay's (to watch its requests)."""
+
+    def __init__(
+        self, relay: Relay, wrap: Callable[[Any], Any] | None = None, **config: Any
+    ) -> None:
         self.relay = relay
         # protocol IPPROTO_TCP, so asyncio sets TCP_NODELAY on accepted connections
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
@@ -39,9 +43,8 @@ class ServerHandle:
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         # as `ndrelay serve` runs it: uvicorn with ndrelay's vectored-write protocol
-        cfg = uvicorn_config(
-            create_app(relay), log_level="warning", timeout_graceful_shutdown=5, **config
-        )
+        app = create_app(relay) if wrap is None else wrap(create_app(relay))
+        cfg = uvicorn_config(app, log_level="warning", timeout_graceful_shutdown=5, **config)
         self.server = uvicorn.Server(cfg)
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [sock]}, name="test-uvicorn", daemon=True

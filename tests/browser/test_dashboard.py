@@ -118,7 +118,15 @@ def test_previews_of_numbers_and_bytes(serve, browser):
     radar = show("radar")
     assert "range" in radar
     assert page.get_attribute("#preview-canvas", "class") == "heatmap"
-    count = show("count")  # the newest of ten [i, i*i, i*i*i]: a line plot of [9, 81, 729]
+    # a fanout stream's events, through the README's snippet
+    page.click("#follow")
+    wait_for(lambda: page.locator("#event-log li").count() >= 2, "followed radar events")
+    assert page.locator("#event-log li").first.inner_text().endswith("<f4 [4,8]")
+    page.click("#follow")
+    assert page.inner_text("#follow-state") == "stopped"
+    count = show("count")  # a queue stream: no follow button (it would take items)
+    assert page.locator("#follow").is_hidden()
+    # the newest of ten [i, i*i, i*i*i]: a line plot of [9, 81, 729]
     assert "range 9 … 729" in count
     assert page.get_attribute("#preview-canvas", "class") == "plot"
     blob = show("blob")

@@ -4,6 +4,7 @@ the page behind the token, its assets shipped in the package, nothing from elsew
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import httpx
 import pytest
@@ -37,3 +38,10 @@ def test_page_wants_the_token(serve):
 def test_openapi_declares_the_page(server):
     spec = httpx.get(server.url + "/openapi.json").json()
     assert "text/html" in spec["paths"]["/"]["get"]["responses"]["200"]["content"]
+
+
+def test_the_readme_shows_the_snippet_the_dashboard_serves(server):
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    served = httpx.get(server.url + "/dashboard/ndrelay-sse.js").text
+    blocks = re.findall(r"```js\n(.*?)```", readme, re.S)
+    assert served in blocks

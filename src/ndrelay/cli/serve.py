@@ -135,6 +135,13 @@ def _size(text: str | None, what: str) -> int | None:
     "reconnect before they go back to the queue [default: 10].",
 )
 @click.option(
+    "--sse-retry",
+    type=click.FloatRange(min=0, min_open=True),
+    envvar="NDRELAY_SSE_RETRY",
+    help="Seconds a browser's EventSource waits before it reconnects (sent as `retry:` "
+    "at the start of every SSE response) [default: 3].",
+)
+@click.option(
     "--cors-origin",
     "cors_origins",
     multiple=True,
@@ -212,6 +219,7 @@ def serve(
     max_memory: int | None,
     heartbeat: float | None,
     lease: float | None,
+    sse_retry: float | None,
     cors_origins: tuple[str, ...],
     allowed_hosts: tuple[str, ...],
     max_connections: int | None,
@@ -247,6 +255,8 @@ def serve(
         if not 0 <= lease <= 86400:
             raise click.BadParameter("must be from 0 to 86400 seconds", param_hint="--lease")
         settings.lease = lease
+    if sse_retry is not None:
+        settings.sse_retry = sse_retry
     if cors_origins:
         settings.cors_origins = list(cors_origins)
     for origin in settings.cors_origins:

@@ -4,13 +4,14 @@ the streaming responses live in `consume` (readers) and `upload` (producers)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
@@ -19,7 +20,9 @@ from .._codec import (
     encode_frame,
 )
 from .._exceptions import (
+    AckConflict,
     AuthError,
+    ConsumerNotFound,
     StreamClosed,
     StreamConflict,
     StreamNotFound,
@@ -339,13 +342,21 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
     )
     async def consume(
         request: Request,
-        stream: StreamDep,
+        name: str,
         format: Literal["msgpack", "ndjson", "sse"] | None = None,
         batch: Annotated[int, Query(ge=1, le=65536)] = 1,
         policy: Literal["block", "drop_oldest", "latest"] = "block",
         consumer: Annotated[str | None, Query(pattern=ID_PATTERN)] = None,
         after: Annotated[int | None, Query(ge=-1)] = None,
         lease: Annotated[float | None, Query(ge=0, le=86400)] = None,
+        last_event_id: Annotated[
+            str | None,
+            Header(
+                alias="last-event-id",
+                description="SSE: the seq of the last event the browser got (it sends "
+                "this header when it reconnects)",
+            ),
+        ] = None,
     ) -> Response:
         """Stream the frames of `name` until its `end` or `error` frame.
 
@@ -361,8 +372,28 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
         relay assigns an id and acknowledges each item once it is written. Fanout:
         `after=<seq>` replays the retained items after it. The response header
         `ndrelay-consumer` names the id.
+
+        SSE: a browser's reconnect carries `Last-Event-ID`, the seq of the last event it
+        got: it stands for `after` (queue mode with `consumer`: it also acknowledges that
+        consumer's items up to it). At or past the terminal frame, or for a stream
+        deleted since, the answer is 204, so that EventSource stops.
         """
         fmt = format or _format_from_accept(request.headers.get("accept", ""))
+        seen = _last_event_id(last_event_id) if fmt == "sse" else None
+        try:
+            stream = registry.get(name)
+        except StreamNotFound:
+            if seen is not None:
+                return Response(status_code=204)  # deleted since the browser's last event
+            raise
+        if seen is not None:
+            if stream.finished and seen >= stream.info()["produced"]:
+                return Response(status_code=204)  # the browser has had the terminal frame
+            if after is None:
+                after = seen
+            if consumer is not None and stream.spec.mode == "queue":
+                with contextlib.suppress(AckConflict, ConsumerNotFound):
+                    await stream.ack(consumer, seen)  # the browser's own receipt
         handle = stream.open_consumer(
             policy if policy in POLICIES else "block",
             consumer=consumer,
@@ -468,6 +499,15 @@ _ACK_SCHEMA = {
         {"required": ["release"], "properties": {"release": {"const": True}}},
     ],
 }
+
+
+def _last_event_id(value: str | None) -> int | None:
+    """The seq in an SSE `Last-Event-ID` header (the `id:` of an event the relay sent)."""
+    if value is None or value == "":
+        return None
+    if not value.isdigit() or len(value) > 20:
+        raise ValueError(f"Last-Event-ID must be a seq (a non-negative integer), got {value!r}")
+    return int(value)
 
 
 def _format_from_accept(accept: str) -> str:

@@ -144,6 +144,9 @@ class FrameStreamResponse(Response):
     async def _pump(self, send: Send) -> None:
         consumer = self.consumer
         heartbeat = self.settings.heartbeat_interval
+        if self.fmt == "sse":  # once: how long a browser waits before it reconnects
+            retry = f"retry: {round(self.settings.sse_retry * 1000)}\n\n".encode()
+            await send({"type": "http.response.body", "body": retry, "more_body": True})
         batch = self.batch
         take = max(4 * batch, 256) if self.fmt == "msgpack" else batch
         auto_ack = consumer.auto_ack and self.stream.spec.mode == "queue"

@@ -82,16 +82,17 @@ def ndjson_line(frame: Frame) -> bytes:
     return _dumps(frame_json(frame)) + b"\n"
 
 
-#: SSE event names by frame kind. An `error` frame is `stream-error`: a browser's
-#: EventSource fires its own `error` event when the connection fails, and a page must
-#: tell the stream's failure (final) from a dropped connection (it reconnects).
-SSE_EVENTS = {"data": "data", "end": "end", "error": "stream-error", "heartbeat": "heartbeat"}
+#: The SSE event name of each frame kind: an `error` frame is `stream-error`, because
+#: EventSource fires its own `error` event for connection failures.
+SSE_EVENTS = {"data": "data", "end": "end", "error": "stream-error"}
 
 
 def sse_event(frame: Frame) -> bytes:
     """One server-sent event: `id:` the seq, `event:` the kind (`stream-error` for an
-    `error` frame), `data:` the JSON (its `kind` unchanged)."""
+    error frame), `data:` the JSON. A heartbeat is a comment line, which EventSource
+    skips by itself."""
+    if type(frame) is HeartbeatFrame:
+        return b": heartbeat\n\n"
     body = frame_json(frame)
-    head = f"id: {body['seq']}\n" if "seq" in body else ""
-    event = SSE_EVENTS[body["kind"]]
-    return f"{head}event: {event}\n".encode() + b"data: " + _dumps(body) + b"\n\n"
+    head = f"id: {body['seq']}\nevent: {SSE_EVENTS[body['kind']]}\n"
+    return head.encode() + b"data: " + _dumps(body) + b"\n\n"

@@ -165,6 +165,10 @@ consume_responses: dict[int | str, dict[str, Any]] = {
         },
         "headers": {"cache-control": {"schema": {"type": "string", "enum": ["no-cache"]}}},
     },
+    204: {
+        "description": "`format=sse` with a `Last-Event-ID` at or past the stream's terminal "
+        "frame, or for a stream deleted since: nothing more to send (EventSource stops)"
+    },
     **_MISSING,
     **_AUTH,
     **_NAME,

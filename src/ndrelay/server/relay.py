@@ -109,6 +109,8 @@ class Settings:
             and has had no producer or consumer, is removed (0: never).
         allowed_hosts: `Host` header values served (`*.example.org` patterns); others get
             400. Empty: any (see the security notes on DNS rebinding).
+        sse_retry: seconds a browser's EventSource waits before it reconnects, sent as
+            `retry:` at the start of every SSE response.
     """
 
     token: str | None = None
@@ -127,6 +129,7 @@ class Settings:
     max_text_bytes: int = DEFAULT_MAX_TEXT_SIZE
     stream_ttl: float = 3600.0
     allowed_hosts: list[str] = field(default_factory=list)
+    sse_retry: float = 3.0
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -146,6 +149,7 @@ class Settings:
             max_text_bytes=_env_int("NDRELAY_MAX_TEXT_BYTES", DEFAULT_MAX_TEXT_SIZE),
             stream_ttl=_env_float("NDRELAY_STREAM_TTL", 3600.0),
             allowed_hosts=_env_list("NDRELAY_ALLOWED_HOSTS"),
+            sse_retry=_env_float("NDRELAY_SSE_RETRY", 3.0),
         )
 
 

@@ -2,6 +2,7 @@
 // of the selected stream (/streams/{name}/latest, which never consumes) at most twice a
 // second for the preview. The token of the page's own URL (?token=) is passed on.
 import { decode } from "./msgpack.js";
+import { follow } from "./ndrelay-sse.js";
 
 const params = new URLSearchParams(location.search);
 const token = params.get("token");
@@ -72,6 +73,7 @@ async function refreshTable() {
     state.streams = await resp.json();
     state.updated = Date.now();
     renderTable();
+    updateFollowButton();
     $("status").textContent = "updated " + new Date().toLocaleTimeString();
     $("status").className = "";
   } catch (err) {
@@ -83,11 +85,52 @@ async function refreshTable() {
 
 // -- the preview ---------------------------------------------------------------------
 
+// -- following a fanout stream's events (the README's snippet) ----------------------------
+
+let following = null;
+
+function stopFollowing(why) {
+  if (following) following.close();
+  following = null;
+  $("follow").textContent = "follow events";
+  $("follow-state").textContent = why || "";
+}
+
+function logEvent(text) {
+  const li = document.createElement("li");
+  li.textContent = text;
+  const log = $("event-log");
+  log.prepend(li);
+  while (log.children.length > 12) log.lastChild.remove();
+}
+
+function toggleFollow() {
+  if (following) return stopFollowing("stopped");
+  const name = state.selected;
+  $("event-log").replaceChildren();
+  $("follow").textContent = "stop";
+  $("follow-state").textContent = "following " + name + " (newest items only)";
+  following = follow("streams/" + encodeURIComponent(name) + "?policy=latest", {
+    token,
+    onData: (f) => logEvent(`seq ${f.seq} · ${f.dtype ? f.dtype + " " + JSON.stringify(f.shape) : "bytes"}`),
+    onEnd: (end) => { logEvent(`end after ${end.seq} items`); stopFollowing("ended"); },
+    onError: (err) => { logEvent(`error: ${err.type}: ${err.message || ""}`); stopFollowing("failed"); },
+  });
+}
+
+function updateFollowButton() {
+  const s = state.streams.find((x) => x.name === state.selected);
+  // following a queue stream would take its items from the real consumers
+  $("follow").hidden = !s || s.mode !== "fanout";
+}
+
 function select(name) {
+  if (name !== state.selected) stopFollowing("");
   state.selected = name;
   history.replaceState(null, "", location.pathname + location.search + "#" + encodeURIComponent(name));
   $("preview-title").textContent = name;
   renderTable();
+  updateFollowButton();
 }
 
 const TYPED = {
@@ -259,5 +302,6 @@ async function refreshPreview() {
 }
 
 if (state.selected) $("preview-title").textContent = state.selected;
+$("follow").addEventListener("click", toggleFollow);
 refreshTable();
 refreshPreview();

@@ -1,8 +1,8 @@
 // Follow an ndrelay stream from a browser page with EventSource (README: "Browsers").
 //   follow("/streams/radar?policy=latest", { token, onData, onEnd, onError })
-// onData gets each data frame's JSON (seq, dtype, shape, data as nested lists); the page
-// closes the EventSource at the end or on a stream error, so the browser does not
-// reconnect; a lost connection reconnects by itself, resuming after the last seq.
+// onData gets each data frame's JSON (seq, dtype, shape, data as nested lists; bytes as
+// base64). At the end or on a stream error the EventSource is closed, so the browser
+// does not reconnect; a lost connection is retried by the browser itself.
 export function follow(path, { token, onData, onEnd, onError } = {}) {
   const url = new URL(path, location.href);
   url.searchParams.set("format", "sse");

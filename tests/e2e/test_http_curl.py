@@ -126,8 +126,12 @@ def test_readme_radar_as_sse(demo, tmp_path):
 
     text = done.stdout.decode()
     complete = text[: text.rfind("\n\n") + 2]  # the cut may fall inside an event
+    blocks = list(filter(None, complete.split("\n\n")))
+    assert blocks[0] == "retry: 3000"  # once, first: the browser's reconnect delay
     events = []
-    for block in filter(None, complete.split("\n\n")):
+    for block in blocks[1:]:
+        if block.startswith(":"):  # a comment (heartbeat)
+            continue
         fields = dict(line.split(": ", 1) for line in block.split("\n"))
         events.append(fields)
     data = [e for e in events if e["event"] == "data"]

@@ -1,4 +1,4 @@
-"""The dashboard's files over HTTP (what a browser fetches; tests/browser/ runs them):
+"""The dashboard's files over HTTP (what a browser fetches; test_browser_dashboard.py runs them):
 the page behind the token, its assets shipped in the package, nothing from elsewhere."""
 
 from __future__ import annotations

@@ -9,11 +9,11 @@ picture); otherwise it goes to the test's temporary directory.
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _sources import poll
 
 from ndrelay.cli.demo import CAMERA_SHAPE, camera_frame, publish_demo
 
@@ -26,17 +26,6 @@ TOKEN = "s3cret"
 def cells(page, name):
     """The text of the table cells of stream `name`'s row."""
     return page.locator(f'#streams-body tr[data-name="{name}"] td').all_inner_texts()
-
-
-def wait_for(predicate, what, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def test_dashboard_lists_streams_with_live_rates_and_shows_the_camera(
@@ -58,10 +47,12 @@ def test_dashboard_lists_streams_with_live_rates_and_shows_the_camera(
     assert count[1:5] == ["queue", "ended", "10/64", "10"]
 
     # rates appear and the counters move
-    first = wait_for(lambda: (c := cells(page, "camera"))[5] not in ("–", "0.00/s") and c, "a rate")
+    first = poll(lambda: (c := cells(page, "camera"))[5] not in ("–", "0.00/s") and c, "a rate", 20)
     assert first[6].endswith("MB/s")
-    later = wait_for(
-        lambda: (c := cells(page, "camera"))[4] != first[4] and c, "the produced count to change"
+    later = poll(
+        lambda: (c := cells(page, "camera"))[4] != first[4] and c,
+        "the produced count to change",
+        20,
     )
     assert int(later[4]) > int(first[4])
 
@@ -82,12 +73,13 @@ def test_dashboard_lists_streams_with_live_rates_and_shows_the_camera(
     assert "image" in page.inner_text("#preview-meta")
 
     # it keeps updating: a later frame replaces it
-    wait_for(
+    poll(
         lambda: (
             page.evaluate("Number(document.getElementById('preview-canvas').dataset.seq)")
             > shot["seq"]
         ),
         "a newer camera frame",
+        20,
     )
     out = DOCS if os.environ.get("NDRELAY_UPDATE_SCREENSHOTS") == "1" else tmp_path
     page.screenshot(path=str(out / "dashboard.png"))
@@ -106,9 +98,9 @@ def test_previews_of_numbers_and_bytes(serve, browser):
 
     def show(name):
         page.click(f'#streams-body tr[data-name="{name}"] td.name')
-        wait_for(lambda: page.inner_text("#preview-meta").startswith("seq"), f"{name} preview")
-        wait_for(lambda: page.inner_text("#preview-title") == name, f"{name} selected")
-        return wait_for(lambda: name_meta(page, name), f"{name}'s own preview", timeout=10)
+        poll(lambda: page.inner_text("#preview-meta").startswith("seq"), f"{name} preview")
+        poll(lambda: page.inner_text("#preview-title") == name, f"{name} selected")
+        return poll(lambda: name_meta(page, name), f"{name}'s own preview")
 
     def name_meta(page, name):
         meta = page.inner_text("#preview-meta")
@@ -120,7 +112,7 @@ def test_previews_of_numbers_and_bytes(serve, browser):
     assert page.get_attribute("#preview-canvas", "class") == "heatmap"
     # a fanout stream's events, through the README's snippet
     page.click("#follow")
-    wait_for(lambda: page.locator("#event-log li").count() >= 2, "followed radar events")
+    poll(lambda: page.locator("#event-log li").count() >= 2, "followed radar events")
     assert page.locator("#event-log li").first.inner_text().endswith("<f4 [4,8]")
     page.click("#follow")
     assert page.inner_text("#follow-state") == "stopped"

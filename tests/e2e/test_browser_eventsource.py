@@ -5,11 +5,16 @@ the dashboard ships) handles data, end and stream errors, with a token."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import time
 
+import httpx
 import numpy as np
 import pytest
-from conftest import ServerHandle
+from _sources import free_port, poll
+from conftest import ServerHandle, need
 
 from ndrelay import Relay
 from ndrelay.server import Settings
@@ -124,3 +129,108 @@ def test_the_readme_snippet_with_a_token(watched, browser):
     time.sleep(1)  # a reconnect would come within 0.2 s
     reads = [(p, s) for p, s, _ in requests.seen]
     assert reads == [("/streams/count", 200), ("/streams/broken", 200), ("/streams/count", 401)]
+
+
+def test_the_snippet_acknowledges_a_queue_consumers_items(watched, browser):
+    # size 4: unacknowledged items hold the stream, so all ten arrive only if the page
+    # acknowledges as it goes; the end goes out once every item is acknowledged
+    relay = Relay(settings=Settings(sse_retry=0.2))
+    handle = watched(relay)
+    relay.publish("jobs", (np.array([i]) for i in range(10)), size=4)
+    page = browser.new_page()
+    page.goto(handle.url + "/healthz")
+    got = page.evaluate(SNIPPET_PAGE, {"path": "/streams/jobs?consumer=tab-1", "token": None})
+    assert got == {"got": [[i] for i in range(10)], "end": {"kind": "end", "seq": 10}}
+    info = relay.registry.get("jobs").info()
+    assert (info["pending"], info["state"]) == (0, "ended")
+    acks = [r for r in handle.requests.seen if r[0] == "/streams/jobs/ack"]
+    assert acks and all(status == 200 for _, status, _ in acks)
+
+
+class Nginx:
+    """Debian's nginx in front of `upstream` on a port of its own, as README's proxy
+    section configures it; `restart()` stops it (SIGTERM: open connections are cut) and
+    starts it again on the same port."""
+
+    def __init__(self, root, upstream: int) -> None:
+        from test_nginx import CONF
+
+        self.binary = need("nginx")
+        self.root = root
+        for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        os.chmod(root, 0o777)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.conf = root / "nginx.conf"
+        self.conf.write_text(CONF.format(root=root, port=self.port, upstream=upstream))
+        self.proc = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.binary, "-p", str(self.root), "-c", str(self.conf), "-g", "daemon off;"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        poll(lambda: _answers(self.url + "/healthz"), "nginx to proxy /healthz", 20)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_a_fanout_page_resumes_across_a_cut_connection(watched, browser, tmp_path):
+    relay = Relay(settings=Settings(sse_retry=0.2))
+    handle = watched(relay)
+
+    def ticks():
+        for i in range(100_000):
+            yield np.array([i])
+            time.sleep(0.02)
+
+    relay.publish("ticks", ticks(), size=1024, mode="fanout")
+    nginx = Nginx(tmp_path / "nginx", handle.port)
+    try:
+        page = browser.new_page()
+        page.goto(nginx.url + "/healthz")  # the page and the relay on one origin
+        page.evaluate(
+            """() => {
+                window.seqs = []; window.opens = 0;
+                const es = new EventSource('/streams/ticks?format=sse');
+                window.es = es;
+                es.onopen = () => window.opens++;
+                es.addEventListener('data', (e) => window.seqs.push(JSON.parse(e.data).seq));
+            }"""
+        )
+        poll(lambda: page.evaluate("window.seqs.length") >= 20, "20 events", 20)
+        nginx.restart()  # every connection through it is cut
+        cut = page.evaluate("window.seqs.length")
+        poll(lambda: page.evaluate("window.opens") >= 2, "the browser to reconnect", 30)
+        poll(lambda: page.evaluate("window.seqs.length") >= cut + 20, "events after it", 30)
+        page.evaluate("window.es.close()")
+        seqs = page.evaluate("window.seqs")
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # no gap, no duplicate
+        reads = [r for r in handle.requests.seen if r[0] == "/streams/ticks"]
+        assert len(reads) >= 2 and reads[0][2] is None
+        resumed = int(reads[1][2])  # the reconnect's Last-Event-ID
+        assert seqs[0] < resumed < seqs[-1] and seqs[seqs.index(resumed) + 1] == resumed + 1
+    finally:
+        nginx.stop()

@@ -342,7 +342,7 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
     )
     async def consume(
         request: Request,
-        name: str,
+        name: NameParam,
         format: Literal["msgpack", "ndjson", "sse"] | None = None,
         batch: Annotated[int, Query(ge=1, le=65536)] = 1,
         policy: Literal["block", "drop_oldest", "latest"] = "block",

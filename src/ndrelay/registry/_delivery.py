@@ -13,6 +13,7 @@ from collections import deque
 from typing import Any
 
 from .._exceptions import AckConflict
+from ._block import Block
 
 __all__ = ["ConsumerRecord", "SeqRanges", "entry_count", "split_entry"]
 
@@ -22,16 +23,15 @@ Entry = tuple[int, Any, int]
 def entry_count(entry: Entry) -> int:
     """How many items (seqs) an entry holds."""
     item = entry[1]
-    array = getattr(item, "array", None)  # a Block (duck-typed: no import cycle)
-    return 1 if array is None else len(array)
+    return len(item.array) if type(item) is Block else 1
 
 
 def split_entry(entry: Entry, k: int) -> tuple[Entry, Entry]:
     """A `Block` entry cut after its first `k` items: (head, rest)."""
     seq, block, nbytes = entry
     head_array, rest_array = block.array[:k], block.array[k:]
-    head = (seq, type(block)(head_array), head_array.nbytes)
-    rest = (seq + k, type(block)(rest_array), nbytes - head_array.nbytes)
+    head = (seq, Block(head_array), head_array.nbytes)
+    rest = (seq + k, Block(rest_array), nbytes - head_array.nbytes)
     return head, rest
 
 
@@ -118,38 +118,62 @@ class ConsumerRecord:
         self.pending_items += entry_count(entry)
         self.sent += 1
 
-    def ack(self, upto: int) -> list[Entry]:
+    def ack(self, upto: int) -> tuple[int, int]:
         """Acknowledge every pending entry delivered up to and including the one holding
-        seq `upto`; returns them. `AckConflict` if `upto` was never delivered to this id."""
+        seq `upto`: `(items, bytes)` acknowledged. `AckConflict` if `upto` was never
+        delivered to this id (or was given back)."""
         pending = self.pending
         index = -1
+        count = nbytes = 0
+        lo = hi = -2  # the run of consecutive seqs acknowledged so far
+        acked = self.acked
         for i, entry in enumerate(pending):
-            if entry[0] <= upto < entry[0] + entry_count(entry):
+            seq, item, size = entry
+            n = len(item.array) if type(item) is Block else 1
+            if seq <= upto < seq + n:
                 index = i
                 break
+            count += n
+            nbytes += size
+            if seq == hi + 1:
+                hi = seq + n - 1
+            else:
+                if lo >= 0:
+                    acked.add(lo, hi)
+                lo, hi = seq, seq + n - 1
         if index < 0:
-            if upto in self.acked:
-                return []  # a repeated ack
+            if upto in acked:
+                return 0, 0  # a repeated ack
             raise AckConflict(
                 f"seq {upto} is not pending for consumer {self.id!r} (never delivered to "
                 "it, given back, or returned to the queue when its lease ran out)",
                 consumer=self.id,
                 seq=upto,
             )
-        done = [pending.popleft() for _ in range(index)]
+        popleft = pending.popleft
+        for _ in range(index):
+            popleft()
         entry = pending[0]
+        n = entry_count(entry)
         k = upto - entry[0] + 1
-        if k < entry_count(entry):
+        if k < n:  # its rest stays pending (and sent, if it was)
             head, pending[0] = split_entry(entry, k)
-            done.append(head)
+            removed = index
         else:
-            done.append(pending.popleft())
-        for seq, item, _ in done:
-            self.acked.add(seq, seq + entry_count((seq, item, 0)) - 1)
-        count = sum(entry_count(e) for e in done)
+            head = popleft()
+            removed = index + 1
+        count += k
+        nbytes += head[2]
+        if entry[0] == hi + 1:
+            hi = upto
+        else:
+            if lo >= 0:
+                acked.add(lo, hi)
+            lo, hi = entry[0], upto
+        acked.add(lo, hi)
         self.pending_items -= count
-        self.sent = max(0, self.sent - len(done))
-        return done
+        self.sent = max(0, self.sent - removed)
+        return count, nbytes
 
     def release(self) -> list[Entry]:
         """Give back every pending entry (to go back into the queue)."""

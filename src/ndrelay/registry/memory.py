@@ -34,6 +34,7 @@ from .._exceptions import (
 )
 from .._frames import EndFrame, ErrorFrame, Frame
 from ._base import CONSUMER_PATTERN, POLICIES, StreamSpec, check_name
+from ._block import Block
 from ._budget import MemoryBudget
 from ._delivery import ConsumerRecord, Entry, entry_count
 
@@ -41,27 +42,6 @@ from ._delivery import ConsumerRecord, Entry, entry_count
 DEFAULT_LEASE = 10.0
 
 __all__ = ["DEFAULT_LEASE", "Block", "MemoryConsumer", "MemoryRegistry", "MemoryStream"]
-
-
-class Block:
-    """Several items of a stream stacked on the leading axis of one array.
-
-    Producers that get items in bursts (an IMU driver's FIFO, a batch from a data
-    loader) hand them over as one `Block`: the relay keeps and sends it whole, one
-    header per block instead of per item, while each row still counts (and is
-    numbered) as one item.
-    """
-
-    __slots__ = ("array",)
-
-    def __init__(self, array: np.ndarray) -> None:
-        if not isinstance(array, np.ndarray) or array.ndim == 0:
-            raise LocalProtocolError("a Block needs an array with a leading axis", key="data")
-        self.array = array
-
-    def rows(self, seq: int) -> list[tuple[int, Any]]:
-        """The items as `(seq, row)` pairs, the first numbered `seq`."""
-        return list(zip(range(seq, seq + len(self.array)), self.array, strict=True))
 
 
 class _Waiters:
@@ -631,11 +611,7 @@ class MemoryStream:
                     consumer=consumer,
                     stream_name=self.name,
                 )
-            done = record.ack(upto) if upto is not None and upto >= 0 else []
-            count = nbytes = 0
-            for entry in done:
-                count += entry_count(entry)
-                nbytes += entry[2]
+            count, nbytes = record.ack(upto) if upto is not None and upto >= 0 else (0, 0)
             self._depth -= count
             self._bytes -= nbytes
             if self._budget is not None:
@@ -846,6 +822,8 @@ class MemoryConsumer:
                     count += n
                     s.redelivered += n
                 fresh = 0
+                pending = record.pending
+                sent = len(pending)
                 while items and count < max_items and taken < max_bytes:
                     seq, item, nbytes = items[0]
                     if type(item) is Block:
@@ -860,12 +838,14 @@ class MemoryConsumer:
                     else:
                         n = 1
                         items.popleft()
-                    record.deliver((seq, item, nbytes))
+                    pending.append((seq, item, nbytes))
                     s._pending_bytes += nbytes
                     out.append((seq, item))
                     taken += nbytes
                     count += n
                     fresh += n
+                record.sent += len(pending) - sent
+                record.pending_items += fresh
                 s._pending_items += fresh
                 s.consumed += fresh
                 s.consumed_bytes += taken

@@ -53,6 +53,8 @@ class AckChannel:
         self.interval = interval
         self.every_items = max(1, window_items // 4)
         self.every_bytes = max(1, window_bytes // 4)
+        #: most units a reader takes in one go (batched units hold several items)
+        self.every_units = self.every_items
         #: (items taken, seq of the last one or None, bytes taken): one tuple, so the
         #: sending thread always sees a consistent triple
         self.taken: tuple[int, int | None, int] = (0, None, 0)

@@ -227,6 +227,7 @@ class _BaseClient:
                 _int_header(headers, "ndrelay-size", 64),
                 _int_header(headers, "ndrelay-max-bytes", 1 << 28),
             )
+            acks.every_units = max(1, acks.every_items // (batch or 1))
         return response, state, {"reopen": reopen, "reconnect": reconnect, "acks": acks}
 
     def _upload(
@@ -471,15 +472,20 @@ class _UnitQueue:
     def get_nowait(self) -> Any:
         return self.get(block=False)
 
-    def take_all(self, block: bool = True) -> tuple[list[Any], list[int]]:
-        """Every unit held and their seqs (waiting for one, unless `block` is false);
-        `[]` once only the terminal is left."""
+    def take_all(self, block: bool = True, limit: int = 0) -> tuple[list[Any], list[int]]:
+        """Every unit held (at most `limit`, if set) and their seqs (waiting for one,
+        unless `block` is false); `[]` once only the terminal is left."""
         with self._cond:
             while block and not self._units and not self._terminal:
                 self._cond.wait()
-            units, seqs = list(self._units), list(self._seqs)
-            self._units.clear()
-            self._seqs.clear()
+            held = self._units
+            if limit and len(held) > limit:
+                units = [held.popleft() for _ in range(limit)]
+                seqs = [self._seqs.popleft() for _ in range(limit)]
+            else:
+                units, seqs = list(held), list(self._seqs)
+                held.clear()
+                self._seqs.clear()
             self._cond.notify()
             return units, seqs
 
@@ -748,11 +754,14 @@ class RemoteStream(Buffer[Any]):
         """The next batch of units (waiting for one); `[]` at the end."""
         self._report_group()
         queue = self._queue
-        units, seqs = queue.take_all(block=False)
+        # queue mode: a batch of at most what an acknowledgement covers, so that the
+        # relay hears of progress while the application works through what it holds
+        limit = self._acks.every_units if self._acks is not None else 0
+        units, seqs = queue.take_all(False, limit)
         if not units:
             if self._acks is not None:  # about to wait: the relay may wait for acks
                 self._acks.flush(self._reader.items, self._reader.bytes)
-            units, seqs = queue.take_all()
+            units, seqs = queue.take_all(True, limit)
         self._adopt(units, seqs)
         return units
 

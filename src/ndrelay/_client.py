@@ -135,8 +135,13 @@ class _BaseClient:
             params["lease"] = lease
         return "?" + urlencode(params) if params else ""
 
-    def _error(self, status: int, body: Any, url: str, name: str | None = None) -> NDRelayError:
-        """The exception for an error answer of the relay."""
+    def _error(
+        self, status: int, body: Any, url: str, name: str | None = None, what: str = "request"
+    ) -> NDRelayError:
+        """The exception for an error answer of the relay (`what`: the kind of request,
+        for the message when something in front of the relay answered instead)."""
+        if isinstance(body, str):  # the relay answers JSON: this came from a proxy
+            return RelayHTTPError(_foreign_answer(status, body, what), status=status, body=body)
         if not isinstance(body, dict):
             body = {"message": str(body)[:500]}
         message = str(body.get("message") or body.get("detail") or body)
@@ -289,7 +294,7 @@ class _BaseClient:
         finally:
             conn.close()
         if response.status != 200:
-            raise self._error(response.status, body, url, name)
+            raise self._error(response.status, body, url, name, what="upload")
         if failure is not None:
             raise failure
         return body  # type: ignore[no-any-return]
@@ -715,7 +720,7 @@ class RemoteStream(Buffer[Any]):
         self._thread = self._reader.thread
         _LIVE.add(self)
 
-    @property  # type: ignore[override]
+    @property
     def queue(self) -> _UnitQueue:
         """The `ReadableQueue` of units (it keeps this stream open while it is used)."""
         queue = self._queue
@@ -1073,6 +1078,28 @@ def _refuse_none(items: Iterable[Any]) -> Iterable[Any]:
                 close()
 
     return checked()
+
+
+def _foreign_answer(status: int, text: str, what: str) -> str:
+    """One line for an error page that a proxy sent in the relay's place (nginx's HTML
+    413, say): its status and title, and where the README says what to set up."""
+    import html
+    import http
+    import re
+
+    match = re.search(r"<title>(.*?)</title>|<h1>(.*?)</h1>", text, re.I | re.S)
+    title = html.unescape(next(g for g in match.groups() if g is not None)) if match else ""
+    if not title.strip():
+        try:
+            title = f"{status} {http.HTTPStatus(status).phrase}"
+        except ValueError:
+            title = str(status)
+    title = " ".join(title.split())[:200]
+    if not title.startswith(str(status)):
+        title = f"{status} {title}"
+    return (
+        f"the proxy in front of the relay refused the {what}: {title}; see README: behind a proxy"
+    )
 
 
 def _json_or_text(data: bytes) -> Any:

@@ -366,7 +366,7 @@ def _field(d: dict[str, Any], key: str, types: type | tuple[type, ...], index: i
     try:
         value = d[key]
     except KeyError:
-        raise RemoteProtocolError("missing key", frame_index=index, key=key) from None
+        raise RemoteProtocolError(f"missing key {key!r}", frame_index=index, key=key) from None
     if not isinstance(value, types) or isinstance(value, bool) and types is int:
         raise RemoteProtocolError(
             f"ill-typed value {type(value).__name__}", frame_index=index, key=key
@@ -391,7 +391,7 @@ def _seq(d: dict[str, Any], index: int, optional: bool = False) -> int:
         if seq is None and "seq" not in d:
             if optional:
                 return -1
-            raise RemoteProtocolError("missing key", frame_index=index, key="seq")
+            raise RemoteProtocolError("missing key 'seq'", frame_index=index, key="seq")
         raise RemoteProtocolError(
             f"seq must be a non-negative integer, got {seq!r}", frame_index=index, key="seq"
         )
@@ -823,7 +823,7 @@ class FrameDecoder:
             data = obj.get("data")
             if type(data) is not bytes:
                 if "data" not in obj:
-                    raise RemoteProtocolError("missing key", frame_index=index, key="data")
+                    raise RemoteProtocolError("missing key 'data'", frame_index=index, key="data")
                 raise RemoteProtocolError(
                     f"data must be msgpack bin, got {type(data).__name__}",
                     frame_index=index,
@@ -858,7 +858,7 @@ class FrameDecoder:
                 bases=_bases(obj, index) if "bases" in obj else None,
             )
         if "kind" not in obj:
-            raise RemoteProtocolError("missing key", frame_index=index, key="kind")
+            raise RemoteProtocolError("missing key 'kind'", frame_index=index, key="kind")
         raise RemoteProtocolError(f"unknown kind {kind!r}"[:200], frame_index=index, key="kind")
 
 

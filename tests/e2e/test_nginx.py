@@ -16,7 +16,7 @@ import pytest
 from _sources import bounded, free_port
 from conftest import need
 
-from ndrelay import Relay, RelayClient
+from ndrelay import Relay, RelayClient, RelayHTTPError
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -42,7 +42,7 @@ http {{
             proxy_set_header Connection "";
             proxy_buffering off;
             proxy_request_buffering off;
-            client_max_body_size 0;
+            client_max_body_size {body_limit};
             proxy_read_timeout 60s;
             proxy_send_timeout 60s;
         }}
@@ -58,7 +58,7 @@ def nginx(tmp_path):
     binary = need("nginx")
     procs = []
 
-    def start(upstream: int) -> str:
+    def start(upstream: int, body_limit: str = "0") -> str:
         root = tmp_path / "nginx"
         root.mkdir()
         for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
@@ -66,7 +66,7 @@ def nginx(tmp_path):
         os.chmod(root, 0o777)
         port = free_port()
         conf = root / "nginx.conf"
-        conf.write_text(CONF.format(root=root, port=port, upstream=upstream))
+        conf.write_text(CONF.format(root=root, port=port, upstream=upstream, body_limit=body_limit))
         proc = subprocess.Popen(
             [binary, "-p", str(root), "-c", str(conf), "-g", "daemon off;"],
             stdin=subprocess.DEVNULL,
@@ -134,3 +134,19 @@ def test_an_upload_and_a_batched_read_through_nginx_arrive_byte_for_byte(server,
         assert (answers[0]["items"], answers[0]["next_seq"]) == (24, 24)
     assert [len(b) for b in got] == [5, 5, 5, 5, 4]
     assert np.concatenate(got).tobytes() == np.stack(items).tobytes()
+
+
+def test_a_proxys_own_413_page_is_one_line_saying_so(server, nginx):
+    """nginx with a body limit answers an upload over it with its own HTML page: the
+    client's exception says what happened in one line, not the HTML."""
+    url = nginx(server.port, body_limit="1k")
+    with RelayClient(url, read_timeout=30) as client:
+        with pytest.raises(RelayHTTPError) as info:
+            bounded(lambda: client.publish("big", iter(arrays(2, 3))), 60)
+    message = str(info.value)
+    assert message.endswith(
+        "the proxy in front of the relay refused the upload: 413 Request Entity Too Large; "
+        "see README: behind a proxy"
+    ), message
+    assert "\n" not in message and "<" not in message
+    assert info.value.status == 413

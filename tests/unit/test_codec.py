@@ -1239,3 +1239,14 @@ def test_error_frame_with_lone_surrogates_still_encodes() -> None:
     assert "scan\\udcff.npy" in got.traceback
     assert (got.type, got.seq, got.origin) == ("FileExistsError", 4, "producer")
     assert isinstance(got.to_exception(), FileExistsError)
+
+
+@pytest.mark.parametrize(
+    ("obj", "key"),
+    [({"kind": "end"}, "seq"), ({"seq": 0}, "kind"), ({"kind": "data", "seq": 0}, "data")],
+)
+def test_a_missing_key_is_named_in_the_reason_too(obj: dict[str, Any], key: str) -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        decode(pack(obj))
+    assert info.value.key == key
+    assert info.value.reason == f"missing key {key!r}"  # uploads answer the reason alone

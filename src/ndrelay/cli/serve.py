@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -14,6 +18,9 @@ import click
 from .._version import __version__
 
 __all__ = ["serve"]
+
+#: The signals that stop the server gracefully.
+_EXIT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _load_source(spec: str) -> Any:
@@ -352,13 +359,20 @@ def _server(config: Any, relay: Any) -> Any:
             await asyncio.to_thread(relay.close, "server shutting down", 2.0)
             await super().shutdown(sockets)
 
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            super().handle_exit(sig, frame)
-            # The shutdown is graceful, so the process exits normally (status 0). uvicorn
-            # would raise the signal again once it is done, and the process would die of
-            # it (SIGTERM: killed, status 143; SIGINT: click's "Aborted!", status 1).
-            captured = getattr(self, "_captured_signals", None)
-            if captured:
-                captured.clear()
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # SIGINT and SIGTERM start the graceful shutdown, and the process then exits
+            # normally (status 0): uvicorn's own version raises the signal again once it
+            # is done, and the process would die of it (SIGTERM: status 143; SIGINT:
+            # click's "Aborted!", status 1).
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in _EXIT_SIGNALS}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
 
     return GracefulServer(config)

@@ -166,7 +166,9 @@ class Nginx:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.conf = root / "nginx.conf"
-        self.conf.write_text(CONF.format(root=root, port=self.port, upstream=upstream))
+        self.conf.write_text(
+            CONF.format(root=root, port=self.port, upstream=upstream, body_limit="0")
+        )
         self.proc = None
         self.start()
 

@@ -124,11 +124,14 @@ cleanup() {
         compose down -t 2 >"$work/compose-down.log" 2>&1
     fi
     local containers
-    for _ in 1 2 3; do  # again if a restart policy brought one back meanwhile
+    # Again if a restart policy brought one back meanwhile, or a container that others
+    # require was refused while they existed (podman-compose's --requires).
+    for _ in 1 2 3 4; do
         containers=$($engine ps -a -q --filter "name=ndrelay-smoke-$id")
         [ -z "$containers" ] && break
         $engine rm -f $containers >/dev/null 2>&1
     done
+    [ "$engine" = podman ] && podman pod rm -f "pod_$project" >/dev/null 2>&1
     $engine network rm "${project}_default" >/dev/null 2>&1
     local images
     images=$($engine images -a -q --filter "label=$label")
@@ -309,11 +312,12 @@ if [ -n "${NDRELAY_SMOKE_CACERT:-}" ]; then
 elif [ "$prepared" = 1 ]; then
     export BUILD_CACERT=/etc/ssl/certs/ca-certificates.crt  # what prepare's secret names
 fi
+# Bounded: podman-compose waits without end on a dependency that never starts.
 compose() {
     if [ "$engine" = podman ]; then
-        podman-compose -p "$project" --podman-build-args "--label $label" --profile demo "$@"
+        timeout 600 podman-compose -p "$project" --podman-build-args "--label $label" --profile demo "$@"
     else
-        "${compose_cmd[@]}" -p "$project" --profile demo "$@"
+        timeout 600 "${compose_cmd[@]}" -p "$project" --profile demo "$@"
     fi
 }
 t0=$SECONDS
@@ -331,6 +335,10 @@ fi
 compose_up=1
 compose up -d >"$work/compose-up.log" 2>&1 \
     || { tail -40 "$work/compose-up.log"; fail "compose up failed"; }
+# podman-compose answers 0 even when a container failed to start.
+if grep -q 'unable to start container' "$work/compose-up.log"; then
+    grep -m3 'unable to start container' "$work/compose-up.log"; fail "compose up: a container did not start"
+fi
 consumer=$($engine ps -a --filter "label=com.docker.compose.project=$project" \
     --filter label=com.docker.compose.service=consumer --format '{{.Names}}')
 [ -n "$consumer" ] || fail "no consumer container"

@@ -4,6 +4,7 @@ answering /healthz, its memory stays bounded, and what an attacker takes is give
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -197,9 +198,36 @@ def test_idle_connections_past_the_open_files_limit_leave_the_relay_answering(re
         assert healthz(server.port, HEALTHY) is not None
     assert len(watch.times) >= 3
     log = server.log()[log_before:]
-    assert "connection limit (192) reached" in log
+    assert "connection limit (117) reached" in log
     assert len(log) < 64 * 1024, len(log)  # a few lines, not a flood
     assert "more like it" in server.log() or log.count("connection limit") <= 5
+
+
+@pytest.mark.slow
+def test_reopened_idle_connections_never_exhaust_the_open_files(relay) -> None:
+    """An attacker who opens the closed ones again, in bursts: the relay accepts a burst
+    before it can close the connections it makes room with, so the burst must fit in
+    the files it keeps spare; else accepting fails (EMFILE) and pauses for a second."""
+    server = relay(nofile=256)
+    with sockets() as held, Watch(server.port):
+        for _ in range(6):
+            for sock in list(held):  # reopen those the relay closed
+                sock.setblocking(False)
+                try:
+                    gone = sock.recv(1, socket.MSG_PEEK) == b""
+                except BlockingIOError:
+                    gone = False
+                except OSError:
+                    gone = True
+                if gone:
+                    held.remove(sock)
+                    sock.close()
+            while len(held) < 260:
+                held.append(connect(server.port))
+            time.sleep(1)
+    log = server.log()
+    assert "out of system resource" not in log, log[-2000:]
+    assert healthz(server.port, HEALTHY) is not None
 
 
 def test_past_max_connections_busy_ones_stay_and_the_newcomer_gets_503(relay) -> None:

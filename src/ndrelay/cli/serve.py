@@ -240,7 +240,12 @@ def serve(
     """Run the relay server (one worker: streams live in this process's memory)."""
     from .._sizes import format_size
     from ..server import Relay, Settings, create_app, uvicorn_config
-    from ..server.limits import connection_limit, guarded_protocol, raise_open_files
+    from ..server.limits import (
+        accept_backlog,
+        connection_limit,
+        guarded_protocol,
+        raise_open_files,
+    )
     from ..server.logs import limit_logs
     from ..server.relay import check_origin
     from .demo import publish_demo
@@ -312,6 +317,7 @@ def serve(
         log_level=log_level,
         timeout_graceful_shutdown=shutdown_timeout,
         http=guarded_protocol(connections, settings.max_header_bytes, settings.header_timeout),
+        backlog=accept_backlog(),
         **where,
     )
     limit_logs()  # after uvicorn configured its loggers

@@ -13,7 +13,13 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .protocol import VectoredHttpProtocol
 
-__all__ = ["DEFAULT_MAX_CONNECTIONS", "connection_limit", "guarded_protocol", "raise_open_files"]
+__all__ = [
+    "DEFAULT_MAX_CONNECTIONS",
+    "accept_backlog",
+    "connection_limit",
+    "guarded_protocol",
+    "raise_open_files",
+]
 
 log = logging.getLogger("ndrelay.server")
 
@@ -21,6 +27,12 @@ log = logging.getLogger("ndrelay.server")
 DEFAULT_MAX_CONNECTIONS = 1024
 #: File descriptors kept for the relay's own use (listening sockets, logs, imports).
 _FD_RESERVE = 64
+#: uvicorn's listen backlog, where the open-files limit allows it.
+_MAX_BACKLOG = 2048
+#: Accept bursts that can land before the connections closed to make room for the first
+#: one give their files back: asyncio accepts up to the backlog in one loop iteration,
+#: and a connection is made, and one closed, two and three iterations later.
+_BURSTS = 3
 
 _PHRASES = {
     408: "Request Timeout",
@@ -42,11 +54,25 @@ def raise_open_files() -> tuple[int, int]:
     return soft, soft
 
 
+def accept_backlog() -> int:
+    """The listen backlog to give uvicorn (`Config(backlog=...)`): its default of 2048,
+    less under a low open-files limit, where a burst of that many accepts would run out
+    of files (accepting then fails and pauses for a second, /healthz included)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return _MAX_BACKLOG
+    return max(16, min(_MAX_BACKLOG, (soft - _FD_RESERVE) // 8))
+
+
 def connection_limit(configured: int | None) -> int:
     """The most connections to keep open: `configured`, or the default, always leaving
-    room under the open-files limit (past it, accepting fails and nothing answers)."""
+    room under the open-files limit for the relay's own files and for the accept bursts
+    of `accept_backlog()` (past the limit, accepting fails and nothing answers)."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    room = DEFAULT_MAX_CONNECTIONS if soft == resource.RLIM_INFINITY else soft - _FD_RESERVE
+    if soft == resource.RLIM_INFINITY:
+        room = DEFAULT_MAX_CONNECTIONS
+    else:
+        room = soft - _FD_RESERVE - _BURSTS * (accept_backlog() + 1)
     wanted = configured if configured is not None else DEFAULT_MAX_CONNECTIONS
     return max(1, min(wanted, room))
 

@@ -717,9 +717,10 @@ class FrameDecoder:
         if walk[0] == "bad":
             return RemoteProtocolError(walk[4], frame_index=self.frame_index, key=walk[5])
         if not isinstance(exc, _Nested) and "exceeds max_" not in text:
-            return RemoteProtocolError(
-                f"malformed msgpack: {text or type(exc).__name__}", frame_index=self.frame_index
-            )
+            fault = _fault(raw)
+            if fault is None:
+                fault = _FAULTS.get(type(exc).__name__) or text or type(exc).__name__
+            return RemoteProtocolError(f"malformed msgpack: {fault}", frame_index=self.frame_index)
         for limit, reason in (
             ("max_str_len", f"a string over the {self.max_text_size}-byte limit"),
             ("max_map_len", f"a map of more than {MAX_FRAME_ENTRIES} entries"),
@@ -860,6 +861,65 @@ class FrameDecoder:
         if "kind" not in obj:
             raise RemoteProtocolError("missing key 'kind'", frame_index=index, key="kind")
         raise RemoteProtocolError(f"unknown kind {kind!r}"[:200], frame_index=index, key="kind")
+
+
+#: What msgpack's own exceptions (raised without a message) mean.
+_FAULTS = {
+    "FormatError": "a byte that is not a msgpack type (0xc1 is reserved)",
+    "StackError": "nesting deeper than msgpack decodes",
+}
+#: Bytes that follow a msgpack scalar's type byte, by type byte (not str/bin/ext).
+_FIXED = {0xCA: 4, 0xCB: 8, 0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8, 0xD0: 1, 0xD1: 2, 0xD2: 4}
+_FIXED[0xD3] = 8
+#: Length-prefixed types: type byte -> (bytes of the length, extra bytes before the data).
+_SIZED = {0xC4: (1, 0), 0xC5: (2, 0), 0xC6: (4, 0), 0xC7: (1, 1), 0xC8: (2, 1), 0xC9: (4, 1)}
+_SIZED.update({0xD9: (1, 0), 0xDA: (2, 0), 0xDB: (4, 0)})
+
+
+def _fault(raw: bytes) -> str | None:
+    """What is wrong in the msgpack bytes `raw` (one frame, from its start) and at which
+    byte: a reserved type byte or a str that is not UTF-8; None if neither is found."""
+    pos, pending, end = 0, 1, len(raw)
+    while pending and pos < end:
+        t = raw[pos]
+        pending -= 1
+        if t == 0xC1:
+            return f"byte 0xc1 (reserved, not a msgpack type) at offset {pos} of the frame"
+        if t <= 0x7F or t >= 0xE0 or t in (0xC0, 0xC2, 0xC3):
+            pos += 1
+        elif t <= 0x8F:
+            pending, pos = pending + 2 * (t & 0x0F), pos + 1
+        elif t <= 0x9F:
+            pending, pos = pending + (t & 0x0F), pos + 1
+        elif t in (0xDC, 0xDD, 0xDE, 0xDF):
+            size = 2 if t in (0xDC, 0xDE) else 4
+            if pos + 1 + size > end:
+                return None
+            n = int.from_bytes(raw[pos + 1 : pos + 1 + size], "big")
+            pending, pos = pending + (2 * n if t >= 0xDE else n), pos + 1 + size
+        elif t in _FIXED:
+            pos += 1 + _FIXED[t]
+        elif 0xD4 <= t <= 0xD8:
+            pos += 2 + (1 << (t - 0xD4))
+        else:  # str (fixstr or 0xd9-0xdb), bin, ext
+            if t <= 0xBF:
+                size, extra, n = 0, 0, t & 0x1F
+            else:
+                size, extra = _SIZED[t]
+                if pos + 1 + size > end:
+                    return None
+                n = int.from_bytes(raw[pos + 1 : pos + 1 + size], "big")
+            start = pos + 1 + size + extra
+            if (t <= 0xBF or t >= 0xD9) and start + n <= end:
+                try:
+                    raw[start : start + n].decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    return (
+                        f"a str that is not UTF-8 ({exc.reason}) at offset "
+                        f"{start + exc.start} of the frame"
+                    )
+            pos = start + n
+    return None
 
 
 class _Nested(Exception):

@@ -965,12 +965,20 @@ def test_large_bad_frames_cover_the_spill_checks() -> None:
 @pytest.mark.parametrize(
     ("raw", "words"),
     [
-        (b"\xc1", "malformed msgpack"),
+        (b"\xc1", "malformed msgpack: byte 0xc1 (reserved, not a msgpack type) at offset 0"),
         (b"\x81\x01\x02", "a key that is not a string"),  # int map key
-        (b"\x81\xa1\xff\x01", "malformed msgpack"),  # invalid UTF-8 in a str
+        # invalid UTF-8 in a str: what and where
+        (
+            b"\x81\xa1\xff\x01",
+            "malformed msgpack: a str that is not UTF-8 (invalid start byte) at offset 2",
+        ),
+        (
+            b"\x82\xa4kind\xa3end\xa3seq\xc1",
+            "byte 0xc1 (reserved, not a msgpack type) at offset 14",
+        ),
         (b"\x91" * 2000 + b"\xc0", "must be a msgpack map, got list"),  # nested 2000 deep
     ],
-    ids=["reserved-byte", "int-key", "bad-utf8", "too-deep"],
+    ids=["reserved-byte", "int-key", "bad-utf8", "reserved-in-a-map", "too-deep"],
 )
 def test_malformed_msgpack_rejected(raw: bytes, words: str) -> None:
     good = encode_frame(EndFrame(0))

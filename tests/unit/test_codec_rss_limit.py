@@ -51,7 +51,7 @@ def check(raw, chunk, what):
 
 
 def element_run(kind, n):
-    # n one-byte elements that a plain msgpack decoder turns into n objects
+    # a list of n elements that a plain msgpack decoder turns into n objects
     one = {"maps": b"\x80", "lists": b"\x90", "floats": b"\xca\x00\x00\x00\x01"}[kind]
     return b"\xdd" + n.to_bytes(4, "big") + one * n
 

@@ -1,9 +1,10 @@
 """The decoder fuzzed under an RSS limit, in a process of its own: bodies built to expand
 into millions of objects when decoded (lists of empty maps, lists of lists, floats, deep
 nesting, huge declared lengths, maps of many keys) may raise the process's peak resident
-memory by at most twice the body plus 16 MiB. The peak (`VmHWM`) is reset before each
-decode (`/proc/self/clear_refs`), once the body is built; a decoder that built what an
-8 MiB body of empty maps describes would take about 600 MiB."""
+memory by at most twice the body plus 64 MiB (the allocator and the kernel move RSS by
+tens of MiB on their own). The peak (`VmHWM`) is reset before each decode
+(`/proc/self/clear_refs`), once the body is built; a decoder that built what an 8 MiB
+body of empty maps describes takes about 600 MiB."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[2] / "src"
 
 CHILD = r"""
+import gc
 import sys
 import msgpack
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -36,6 +38,7 @@ def status(field):
 
 def rss_growth(fn):
     # how far fn() raised the peak resident memory above the resident memory before
+    gc.collect()  # a refused body stays in a cycle (error, traceback, frame) until then
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
     before = status("VmRSS")
@@ -45,7 +48,7 @@ def rss_growth(fn):
 
 def check(raw, chunk, what):
     growth = rss_growth(lambda: decode(raw, chunk))
-    limit = 2 * len(raw) + 16 * MiB
+    limit = 2 * len(raw) + 64 * MiB
     if growth > limit:
         sys.exit(f"{what}: peak RSS grew {growth / MiB:.0f} MiB (limit {limit / MiB:.0f} MiB)")
 

@@ -499,7 +499,12 @@ class MemoryStream:
                         gap.index = i  # type: ignore[attr-defined]
                         raise gap
                     rest = self._place(item)
-                    placed = n if rest is None else n - len(rest.array)
+                    if rest is None:
+                        placed = n
+                    elif type(rest) is Block:
+                        placed = n - len(rest.array)
+                    else:  # a single item that did not fit: nothing of it placed
+                        placed = 0
                     expected += placed
                     if rest is not None:
                         return (

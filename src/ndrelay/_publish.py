@@ -130,6 +130,7 @@ class Upload:
         self._connected = False  # a connection to the relay was made at least once
         self._exhausted = False  # the source gave its end (or error)
         self._held = 0  # bytes in the window
+        self._closed = ""  # the relay's message when it says the stream is finished
         self._refusals = 0  # refusals in a row that resend (408/409) without progress
         self.reconnects = 0
 
@@ -137,7 +138,10 @@ class Upload:
 
     def run(self) -> dict[str, Any]:
         if self.named:  # perhaps a restart: the relay may have some of it already
-            self._confirmed = self._start = self._probe_at_start()
+            position, finished = self._probe()
+            self._confirmed = self._start = position
+            if finished:
+                return self._finished_before()
         with Prefetch(self.items, size=self.prefetch) as source:
             self._source = source
             deadline: float | None = None
@@ -361,6 +365,7 @@ class Upload:
             if response.status == 200:
                 return body["expected_seq"], False
             if response.status == 409 and body.get("error") == "StreamClosed":
+                self._closed = str(body.get("message") or "")
                 return body["expected_seq"], True
         if response.status >= 500:
             raise RelayHTTPError(
@@ -368,11 +373,25 @@ class Upload:
             )
         raise self.client._error(response.status, body, url, self.name, what="upload")
 
-    def _probe_at_start(self) -> int:
-        position, finished = self._probe()
-        if finished:
-            raise StreamClosed.finished(self.name, "ended")
-        return position
+    def _finished_before(self) -> dict[str, Any]:
+        """The stream had already ended, with `_start` items from this producer: a
+        producer restarted after its earlier run finished? If `items` are exactly those
+        (and `end`), there is nothing to do; else `StreamClosed`."""
+        with Prefetch(self.items, size=self.prefetch) as source:
+            while self._seq <= self._start:
+                unit = source.queue.get()
+                if unit is None:
+                    break
+                if isinstance(unit, ExceptionSentinel):
+                    raise unit.exception
+                self._seq += _count(unit, self.batched)
+        if self._seq == self._start and self.end:
+            return self._result()
+        raise StreamClosed(
+            f"{self._closed} (it holds {self._start} items of producer {self.producer!r}, "
+            "this upload has more)",
+            stream_name=self.name,
+        )
 
     def _resume(self, cause: BaseException, deadline: float) -> bool:
         """After a cut: wait, ask the relay where it stands, and drop what it has; True if
@@ -399,7 +418,7 @@ class Upload:
             if finished:
                 if self._finished_by_us(position):
                     return True
-                raise StreamClosed.finished(self.name, "ended")
+                raise StreamClosed(self._closed, stream_name=self.name)
             self._confirm(position)
             return False
 

@@ -18,6 +18,7 @@ import threading
 import time
 
 import pytest
+from _proxy import CuttingProxy
 from _sources import ServeProcess, bounded, clean_env
 
 from ndrelay import AsyncRelayClient, RelayClient, StreamInterrupted, StreamNotFound
@@ -173,6 +174,26 @@ def test_cut_connection_resumes_without_loss_or_duplicate(relay):
                 s._reader.response._conn.sock.shutdown(2)  # the network drops it
         assert s.reconnects >= 1
         s.close()
+    assert sorted(got) == list(range(N))
+
+
+@pytest.mark.parametrize("prefetch", [1, 64])
+def test_network_cut_under_stream_and_acks_resumes_without_loss_or_duplicate(relay, prefetch):
+    """A proxy resets every connection of the consumer (its stream and its
+    acknowledgements) at once, several times: acknowledgements lost with their connection
+    are said again, so the relay never waits for them, and every item arrives once."""
+    with CuttingProxy(relay.port) as proxy, RelayClient(proxy.url) as client:
+        got: list[int] = []
+
+        def consume() -> None:
+            with client.stream("work", prefetch=prefetch) as s:
+                for item in s:
+                    got.append(int(item[0]))
+                    if len(got) in (10, 64, 65, 300, 1000, 1990):
+                        proxy.cut_all()
+
+        bounded(consume, 120)
+        assert proxy.cuts >= 6
     assert sorted(got) == list(range(N))
 
 

@@ -168,7 +168,9 @@ def finish(proc: subprocess.Popen[str], timeout: float = 60.0) -> tuple[str, str
     except subprocess.TimeoutExpired:
         proc.kill()
         out, err = proc.communicate(timeout=10)
-        raise RuntimeError(f"process {proc.pid} did not finish in {timeout} s: {err[-500:]}")
+        raise RuntimeError(
+            f"process {proc.pid} did not finish in {timeout} s: {err[-500:]}"
+        ) from None
     return out or "", err or ""
 
 
@@ -380,7 +382,8 @@ def row(r: Round) -> str:
 
 def report(rounds: list[Round], args: argparse.Namespace, seconds: float) -> str:
     lines = [
-        "| round | fault | produced | consumed | lost | duplicated | unacked at kill | result | detail |",
+        "| round | fault | produced | consumed | lost | duplicated | unacked at kill | result "
+        "| detail |",
         "|---|---|---|---|---|---|---|---|---|",
         *(row(r) for r in rounds),
         "",
@@ -408,7 +411,7 @@ def report(rounds: list[Round], args: argparse.Namespace, seconds: float) -> str
     )
     lines += [
         "",
-        f"Command: `python benchmarks/faults.py {' '.join(sys.argv[1:])}`".replace(" `", "`", 0),
+        f"Command: `{' '.join(['python benchmarks/faults.py', *sys.argv[1:]])}`",
         f"Backend: {args.backend}; {args.items} items per round; lease {LEASE:g} s; "
         f"{seconds:.0f} s in all; ndrelay {ndrelay.__version__}, Python "
         f"{platform.python_version()}, {platform.system()} {platform.machine()}, "

@@ -234,10 +234,10 @@ class Faults:
             r.produced = client.info(name)["produced"]
             client.delete(name)
 
-    def _producer_thread(self, name: str, url: str | None = None) -> Background:
+    def _producer_thread(self, name: str, url: str | None = None, width: int = 32) -> Background:
         def publish() -> Any:
             with RelayClient(url or self.url) as client:
-                return client.publish(name, items(self.n))
+                return client.publish(name, items(self.n, width))
 
         return Background(publish, "faults-producer")
 
@@ -283,7 +283,8 @@ class Faults:
                         at.pop(0)
                         proxy.cut_all()
             producer.result()
-            r.note = f"{proxy.cuts} cuts, {s.reconnects} resumes"
+            # a cut resets the stream's connection and the acknowledgements' together
+            r.note = f"{proxy.cuts} connections reset, {s.reconnects} resumes"
 
     def fanout_reconnect(self, r: Round, name: str) -> None:
         self.consumer_cut(r, name, mode="fanout")
@@ -291,7 +292,7 @@ class Faults:
     def producer_sigkill(self, r: Round, name: str) -> None:
         self._create(name)
         consumer = Background(lambda: drain(self.url, name, r.consumed), "faults-consumer")
-        at = self.rng.randint(1, self.n - 1)
+        at = self.rng.randint(1, self.n // 2)
         args = (self.url, name, f"producer-{r.index}", self.n, 2048)  # 16 KiB items
         first = python(PRODUCER, *args, stdout=subprocess.DEVNULL)
         try:
@@ -315,16 +316,21 @@ class Faults:
         cuts = self.rng.randint(1, 3)
         width = 128  # 1 KiB items
         with CuttingProxy(self.relay.port) as proxy:
-            producer = self._producer_thread(name, proxy.url)
             total = self.n * width * 8
-            for _ in range(cuts):
-                proxy.arm(self.rng.randint(1, max(2, total // (cuts + 1))))
+            # each connection carries more than the one cut before it passed
+            proxy.arm(self.rng.randint(1, max(2, total // (cuts + 1))))
+            producer = self._producer_thread(name, proxy.url, width)
+            for i in range(cuts):
+                if i:
+                    proxy.arm(self.rng.randint(1, max(2, total // (cuts + 1))))
                 deadline = time.monotonic() + 10
                 while proxy.armed and time.monotonic() < deadline:
                     time.sleep(0.005)
             answer = producer.result()
             proxy.arm(1 << 62)  # disarmed in effect
-            r.note = f"{proxy.cuts} cuts, {answer['reconnects']} resumes"
+            r.note = f"{proxy.cuts} uploads reset, {answer['reconnects']} resumes"
+            if not proxy.cuts:
+                raise RuntimeError("the fault was not injected: no upload was reset")
         consumer.result()
 
     def competing_consumers(self, r: Round, name: str) -> None:

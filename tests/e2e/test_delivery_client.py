@@ -250,6 +250,23 @@ async def test_async_client_early_exit_loses_and_duplicates_nothing(relay):
     assert sorted(first + rest) == list(range(N))
 
 
+@pytest.mark.anyio
+async def test_async_client_resumes_a_cut_stream(relay):
+    import anyio
+
+    with CuttingProxy(relay.port) as proxy:
+        async with AsyncRelayClient(proxy.url) as client:
+            got: list[int] = []
+            with anyio.fail_after(120):
+                async with await client.stream("work", prefetch=8) as s:
+                    async for item in s:
+                        got.append(int(item[0]))
+                        if len(got) in (100, 1000):
+                            proxy.cut_all()
+                assert s.reconnects >= 2
+    assert sorted(got) == list(range(N))
+
+
 @pytest.fixture
 def anyio_backend():
     return "asyncio"

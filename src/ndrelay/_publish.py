@@ -131,7 +131,6 @@ class Upload:
         self._exhausted = False  # the source gave its end (or error)
         self._held = 0  # bytes in the window
         self._closed = ""  # the relay's message when it says the stream is finished
-        self._refusals = 0  # refusals in a row that resend (408/409) without progress
         self.reconnects = 0
 
     # -- the loop ------------------------------------------------------------------------
@@ -284,7 +283,6 @@ class Upload:
             self._frames += int(body.get("accepted") or 0)
             self._answer = body
             self._confirm(int(body.get("expected_seq", self._seq)))
-            self._refusals = 0
             if done:
                 self._window.clear()
                 self._held = 0
@@ -294,18 +292,14 @@ class Upload:
             if status == 409 and body.get("error") == "StreamClosed":
                 if self._finished_by_us(expected):
                     return True
-            elif status in (408, 409):
-                # 408: the source was idle past the relay's upload idle timeout; 409: the
-                # stream finished, or another upload of this producer id took over, or a
-                # gap. What the relay has is kept: go on from there (a refusal that
-                # repeats without progress is raised).
-                before = self._confirmed
+            elif status == 408:
+                # the source was idle past the relay's upload idle timeout: what the relay
+                # has is kept, go on from there
                 self._frames += int(body.get("accepted") or 0)
                 self._confirm(expected)
-                progress = self._confirmed > before
-                self._refusals = 0 if progress else self._refusals + 1
-                if status == 408 or self._refusals < 2:
-                    return False
+                return False
+            if expected >= self._confirmed:  # for the error's account of what was taken
+                self._confirmed = expected
         if status >= 500:  # a proxy or a relay going down: try again
             raise _Cut(RelayHTTPError(f"the relay answered {status} ({url})", status=status))
         raise self._refused(status, body, url)

@@ -19,7 +19,7 @@ import pytest
 from _proxy import CuttingProxy
 from _sources import ServeProcess, bounded, clean_env, wait_until
 
-from ndrelay import AsyncRelayClient, RelayClient, RelayTimeout, StreamClosed
+from ndrelay import AsyncRelayClient, RelayClient, RelayTimeout, StreamClosed, UploadRefused
 
 pytestmark = pytest.mark.e2e
 
@@ -135,6 +135,29 @@ def test_publish_timeout_when_held_by_a_full_stream_says_what_was_accepted(serve
         assert info.value.accepted_items == 2
         assert "accepted 2 items" in str(info.value)
         assert client.info("full")["depth"] == 2
+
+
+def test_a_stream_deleted_under_a_publish_is_not_created_again(server):
+    with RelayClient(server.url) as client:
+        client.create("gone", 2)
+        failure: list[BaseException] = []
+
+        def publish() -> None:
+            try:
+                client.publish("gone", numbered(10))
+            except Exception as exc:
+                failure.append(exc)
+
+        thread = threading.Thread(target=publish, daemon=True)
+        thread.start()
+        assert wait_until(lambda: client.info("gone")["depth"] == 2, 10)
+        client.delete("gone")
+        thread.join(30)
+        assert not thread.is_alive()
+        assert failure and isinstance(failure[0], UploadRefused)
+        assert "closed by the relay: stream deleted" in str(failure[0])
+        assert "accepted 2 items" in str(failure[0])
+        assert client.streams() == []
 
 
 def test_bad_producer_id_is_refused_before_sending(server):

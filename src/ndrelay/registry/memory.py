@@ -519,7 +519,7 @@ class MemoryStream:
                     if rest is not None:
                         return (
                             [(expected, rest), *pairs[i + 1 :]],
-                            self._space_waiters.add(),
+                            self._room_future(),  # this stream's room, or the budget's
                             dups,
                         )
                 return [], None, dups

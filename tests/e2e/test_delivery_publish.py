@@ -19,7 +19,14 @@ import pytest
 from _proxy import CuttingProxy
 from _sources import ServeProcess, bounded, clean_env, wait_until
 
-from ndrelay import AsyncRelayClient, RelayClient, RelayTimeout, StreamClosed, UploadRefused
+from ndrelay import (
+    AsyncRelayClient,
+    RelayClient,
+    RelayTimeout,
+    StreamClosed,
+    StreamNotFound,
+    UploadRefused,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -206,7 +213,64 @@ def test_producer_sigkilled_mid_upload_and_restarted_loses_and_duplicates_nothin
         consumer.join(60)
         assert not consumer.is_alive()
         assert sorted(got) == list(range(N))  # 0 lost, 0 duplicated
-        assert answer["items"] == N - had
-        assert answer["duplicates"] == had
+        # what the dead process had in its socket may still have reached the relay after
+        # the kill: the relay had at least `had` items when the second one started
+        assert answer["duplicates"] >= had
+        assert answer["items"] + answer["duplicates"] == N
     finally:
         relay.stop()
+
+
+@pytest.mark.slow
+def test_relay_restart_on_the_memory_backend_fails_publish_clearly():
+    """The relay is killed and started again on the same port mid-publish: it has lost
+    the items it had confirmed, and publish says so (`StreamNotFound`) instead of sending
+    the rest into a new, empty stream."""
+    relay = ServeProcess()
+    again = None
+    try:
+        with RelayClient(relay.url) as client:
+            client.create("work", 64)
+        got: list[int] = []
+        done = threading.Event()
+
+        def consume() -> None:
+            try:
+                drain_into(relay.url, "work", got)
+            except Exception:
+                pass  # the relay went away under it: not what this test is about
+            done.set()
+
+        threading.Thread(target=consume, daemon=True).start()
+        outcome: list[BaseException] = []
+
+        def publish() -> None:
+            with RelayClient(relay.url) as client:
+                try:
+                    client.publish("work", numbered(100_000), window=64 * 1024)
+                except Exception as exc:
+                    outcome.append(exc)
+
+        producer = threading.Thread(target=publish, daemon=True)
+        producer.start()
+        assert wait_until(lambda: len(got) >= 500, 60)  # several uploads confirmed
+        relay.signal(signal.SIGKILL)
+        relay.proc.wait(10)
+        again = ServeProcess("--port", str(relay.port), wait=False)  # the last --port wins
+        again.port, again.url = relay.port, relay.url
+        again.wait_ready()
+        producer.join(60)
+        assert not producer.is_alive()
+        assert outcome and isinstance(outcome[0], StreamNotFound), outcome
+        assert "in-memory backend" in str(outcome[0])
+        with RelayClient(again.url) as client:
+            assert client.streams() == []  # nothing sent into a new stream
+    finally:
+        relay.stop()
+        if again is not None:
+            again.stop()
+
+
+def drain_into(url: str, name: str, out: list[int]) -> None:
+    with RelayClient(url) as client, client.stream(name, prefetch=8, reconnect=0) as s:
+        out.extend(int(a[0]) for a in s)

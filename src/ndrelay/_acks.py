@@ -62,6 +62,7 @@ class AckChannel:
         self._cond = threading.Condition()
         self._stop = False
         self._gone = False  # the relay no longer knows the consumer: nothing to send
+        self._resend = False  # a line may have been lost with its connection: send again
         self._conn: Any = None
         self._thread = threading.Thread(target=self._run, name="ndrelay-acks", daemon=True)
         self._thread.start()
@@ -101,10 +102,16 @@ class AckChannel:
                     self._cond.wait(self.interval)
                 if self._stop:
                     return
+            if self._conn is not None and self._conn.readable_now():
+                # the relay answered (a refusal) or the connection broke: the last lines
+                # written may never have reached it, so say the newest one again
+                self._resend = self._answer() is None and not self._gone
             count, seq, total = self.taken
-            if count > self._acked[0] and seq is not None and not self._gone:
+            due = count > self._acked[0] or self._resend
+            if due and seq is not None and not self._gone:
                 if self._send({"consumer": self.consumer, "upto": seq}):
                     self._acked = (count, total)
+                    self._resend = False
 
     def _send(self, ack: dict[str, Any], last: bool = False) -> bool:
         """Write one acknowledgement line (opening the request if needed)."""
@@ -116,9 +123,11 @@ class AckChannel:
                     self._conn, self._url = open_request(
                         self.endpoint, "POST", self.path, self.headers, chunked_body=True
                     )
-                elif self._conn.readable_now():  # the relay answered early: a refusal
-                    self._answer()
-                    return False
+                elif self._conn.readable_now():  # a refusal, or the connection broke
+                    if self._answer() is not None or self._gone:
+                        return False  # refused: saying it again would not help
+                    self._resend = True
+                    continue  # the connection broke: once more on a new one
                 self._conn.send_buffers([chunk, b"0\r\n\r\n"] if last else [chunk])
                 return True
             except (OSError, NDRelayError) as exc:
@@ -128,7 +137,8 @@ class AckChannel:
         return False
 
     def _answer(self) -> dict[str, Any] | None:
-        """Read the relay's answer to the acknowledgement request, then close it."""
+        """Read the relay's answer to the acknowledgement request, then close it; `None`
+        if there was none (the connection broke)."""
         conn, self._conn = self._conn, None
         try:
             response = read_response(conn, self._url)
@@ -141,7 +151,7 @@ class AckChannel:
             self._gone = True  # released, or its lease ran out: the relay moved on
         elif response.status != 200:
             log.info("acknowledgement refused (%s): %s", response.status, body)
-        return body if isinstance(body, dict) else None
+        return body if isinstance(body, dict) else {"status": response.status}
 
     def _close(self) -> None:
         conn, self._conn = self._conn, None

@@ -22,22 +22,17 @@ from typing import Any, Self
 from urllib.parse import quote, urlencode, urlsplit
 
 import httpx
-import numpy as np
 
 from ._acks import AckChannel
-from ._buffers import _END, Buffer, ExceptionSentinel, Prefetch
+from ._buffers import _END, Buffer, ExceptionSentinel
 from ._codec import (
     DEFAULT_MAX_FRAME_SIZE,
     FrameDecoder,
-    encode_data_parts,
-    encode_frame,
-    encode_items,
 )
 from ._exceptions import (
     AuthError,
     ConnectError,
     FrameTooLarge,
-    LocalProtocolError,
     NDRelayError,
     RegistryError,
     RelayHTTPError,
@@ -50,8 +45,8 @@ from ._exceptions import (
     TransportError,
     UploadRefused,
 )
-from ._frames import EndFrame, ErrorFrame
 from ._http import Endpoint, HTTPResponse, open_request, read_response
+from ._publish import DEFAULT_WINDOW, Upload
 from ._stream import StreamState
 
 __all__ = [
@@ -62,8 +57,6 @@ __all__ = [
     "relay_url",
 ]
 
-#: Upload chunks gather small frames up to about this many bytes.
-_UPLOAD_CHUNK = 256 * 1024
 _ERRORS_BY_NAME: dict[str, type[NDRelayError]] = {
     cls.__name__: cls
     for cls in (
@@ -243,61 +236,24 @@ class _BaseClient:
         prefetch: int,
         timeout: float | None,
         batched: bool,
+        producer: str | None = None,
+        reconnect: float = 30.0,
+        window: int = DEFAULT_WINDOW,
     ) -> dict[str, Any]:
         """The data path of `publish` (blocking; the async client runs it in a thread)."""
-        endpoint = self._endpoint
-        headers = {"Content-Type": "application/x-msgpack", **self._headers}
-        conn, url = open_request(endpoint, "POST", self._path(name), headers, chunked_body=True)
-        conn.sock.settimeout(timeout)
-        failure: BaseException | None = None
-        seq = 0
-        try:
-            with Prefetch(_refuse_none(items), size=prefetch) as source:
-                finished = False
-                while not finished:
-                    ready, terminal = _gather(source.queue, _UPLOAD_CHUNK)
-                    parts, seq, error = _encode_ready(ready, seq, batched)
-                    if error is not None:
-                        terminal = ExceptionSentinel(error)
-                    if terminal is None:
-                        finished = True
-                        if end:
-                            parts.append(encode_frame(EndFrame(seq)))
-                    elif isinstance(terminal, ExceptionSentinel):
-                        finished = True
-                        failure = terminal.exception
-                        parts.append(encode_frame(ErrorFrame.from_exception(failure, seq=seq)))
-                    total = sum(len(p) for p in parts)
-                    buffers = [b"%x\r\n" % total, *parts, b"\r\n"] if total else []
-                    if finished:
-                        buffers.append(b"0\r\n\r\n")
-                    if conn.readable_now():
-                        # The relay answered early: it refused something. End the body
-                        # (without an end frame) so that it answers now instead of
-                        # draining the rest until its timeout.
-                        try:
-                            conn.send_buffers([b"0\r\n\r\n"])
-                        except OSError:
-                            pass
-                        break
-                    try:
-                        conn.send_buffers(buffers)
-                    except TimeoutError:
-                        raise RelayTimeout(
-                            f"the relay took no data for {timeout} s", url=url
-                        ) from None
-                    except OSError:
-                        break  # the relay closed: its answer says why
-            conn.sock.settimeout(self.read_timeout)
-            response = read_response(conn, url)
-            body = _json_or_text(response.read_all())
-        finally:
-            conn.close()
-        if response.status != 200:
-            raise self._error(response.status, body, url, name, what="upload")
-        if failure is not None:
-            raise failure
-        return body  # type: ignore[no-any-return]
+        upload = Upload(
+            self,
+            name,
+            items,
+            end=end,
+            prefetch=prefetch,
+            timeout=timeout,
+            batched=batched,
+            producer=producer,
+            reconnect=reconnect,
+            window=window,
+        )
+        return upload.run()
 
     def _check(self, response: httpx.Response, name: str | None = None) -> httpx.Response:
         if response.status_code >= 400:
@@ -961,6 +917,9 @@ class RelayClient(_BaseClient):
         prefetch: int = 64,
         timeout: float | None = None,
         batched: bool = False,
+        producer: str | None = None,
+        reconnect: float = 30.0,
+        window: int = DEFAULT_WINDOW,
     ) -> dict[str, Any]:
         """Upload `items` (arrays or bytes) to stream `name`, creating it if needed.
 
@@ -970,20 +929,46 @@ class RelayClient(_BaseClient):
         raises, an `error` frame carries the exception to the consumers, and it is
         re-raised here once the relay has it.
 
+        Retries are safe: the upload names itself to the relay (`producer`) and numbers
+        its items 0, 1, 2, ... When the connection fails mid-upload (a reset, a relay
+        restart, a proxy cutting it), it asks the relay where it stands and sends again
+        from there, for up to `reconnect` seconds: the relay gets every item once. A
+        producer that restarts with the same `producer` id and the same items skips
+        what the relay already has.
+
         Args:
             batched: each element of `items` is an array of several items stacked on
                 its leading axis; it travels as one batched frame (one header for all),
                 and its rows are numbered and counted as items.
-            timeout: longest wait for the relay to take more data (it holds the upload
-                while the stream's buffer is full); `None` waits as long as it takes.
+            timeout: longest wait for the relay to take more data or to answer (it holds
+                the upload while the stream's buffer is full); `None` waits as long as
+                it takes. On expiry, `RelayTimeout` (`.accepted_items`: how many items
+                the relay took).
+            producer: the producer id (1-64 of `A-Za-z0-9._-`; default: a new random
+                one, so that only this call's retries are deduplicated).
+            reconnect: seconds to keep trying to resume after the connection fails
+                (bounded exponential backoff, counted again whenever the relay's position
+                moves on); `0`: raise at once.
+            window: most bytes sent but not yet confirmed by the relay, kept in memory
+                for a retry: a longer upload goes out as several requests of about this
+                size.
 
         Returns:
-            The relay's answer: `{"accepted": frames, "items": n, "next_seq": n}`.
+            The relay's answer: `{"accepted": frames, "items": n, "next_seq": n,
+            "duplicates": n, "producer": id, "expected_seq": n, "reconnects": n}`
+            (`items`: items the relay took from this call; `duplicates`: items it
+            already had).
 
         Raises:
             UploadRefused: the relay refused a frame (the ones before it were kept).
+            StreamInterrupted: the connection failed and could not be resumed in time
+                (`.accepted_items`, and `__cause__` says why).
+            StreamNotFound: the relay lost items it had confirmed (the stream was
+                deleted, or a relay on the in-memory backend restarted).
         """
-        return self._upload(name, items, end, prefetch, timeout, batched)
+        return self._upload(
+            name, items, end, prefetch, timeout, batched, producer, reconnect, window
+        )
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -1007,77 +992,6 @@ class RelayClient(_BaseClient):
 
 
 _OPEN = object()
-
-
-def _encode_ready(
-    ready: list[Any], seq: int, batched: bool
-) -> tuple[list[Any], int, LocalProtocolError | None]:
-    """The buffers of the data frames for `ready`, the next seq, and the error of the
-    first item that cannot be encoded (the items before it are encoded)."""
-    if not batched:
-        try:
-            return encode_items(enumerate(ready, seq)), seq + len(ready), None
-        except LocalProtocolError:
-            pass  # find the bad item below
-    parts: list[Any] = []
-    for item in ready:
-        try:
-            if batched:
-                if not isinstance(item, np.ndarray) or item.ndim == 0:
-                    raise LocalProtocolError(
-                        "batched=True needs arrays with a leading axis of items, "
-                        f"got {type(item).__name__}",
-                        key="count",
-                    )
-                parts += encode_data_parts(seq, item, len(item))
-                seq += len(item)
-            else:
-                parts += encode_data_parts(seq, item)
-                seq += 1
-        except LocalProtocolError as exc:
-            return parts, seq, exc
-    return parts, seq, None
-
-
-def _gather(queue: Any, limit: int) -> tuple[list[Any], Any]:
-    """Items ready now (waiting for the first), up to about `limit` bytes, and the
-    terminal that followed them: `None` (end), an `ExceptionSentinel`, or `_OPEN`."""
-    ready: list[Any] = []
-    size = 0
-    unit = queue.get()
-    while True:
-        if unit is None or isinstance(unit, ExceptionSentinel):
-            return ready, unit
-        ready.append(unit)
-        size += unit.nbytes if hasattr(unit, "nbytes") else len(unit)
-        if size >= limit:
-            return ready, _OPEN
-        try:
-            unit = queue.get_nowait()
-        except queue_module.Empty:
-            return ready, _OPEN
-
-
-def _refuse_none(items: Iterable[Any]) -> Iterable[Any]:
-    """`items`, raising at a `None`: to `Prefetch` it would mean the end, and the
-    upload would end the stream there quietly, the items after it lost."""
-    it = iter(items)  # not iterable: a TypeError at once, not an error frame
-
-    def checked() -> Iterable[Any]:
-        try:
-            for item in it:
-                if item is None:
-                    raise LocalProtocolError(
-                        "a data item must be an np.ndarray, bytes or bytearray, not None",
-                        key="data",
-                    )
-                yield item
-        finally:
-            close = getattr(it, "close", None)
-            if close is not None:
-                close()
-
-    return checked()
 
 
 def _foreign_answer(status: int, text: str, what: str) -> str:
@@ -1286,11 +1200,15 @@ class AsyncRelayClient(_BaseClient):
         prefetch: int = 64,
         timeout: float | None = None,  # noqa: ASYNC109 (a stall limit, as in the sync client)
         batched: bool = False,
+        producer: str | None = None,
+        reconnect: float = 30.0,
+        window: int = DEFAULT_WINDOW,
     ) -> dict[str, Any]:
         """Upload `items` (iterable or async iterable); see `RelayClient.publish`.
 
-        The upload runs the sync client's zero-copy writer in a worker thread; an async
-        iterable is pulled from this event loop.
+        The upload runs the sync client's zero-copy writer in a worker thread (with the
+        same producer id, retries and window); an async iterable is pulled from this
+        event loop.
         """
         if hasattr(items, "__aiter__"):
             items = _from_async(items, asyncio.get_running_loop())
@@ -1298,7 +1216,10 @@ class AsyncRelayClient(_BaseClient):
         def run() -> tuple[Any, BaseException | None]:
             # the exception itself, not asyncio's copy (it rebuilds a TimeoutError)
             try:
-                return self._upload(name, items, end, prefetch, timeout, batched), None
+                answer = self._upload(
+                    name, items, end, prefetch, timeout, batched, producer, reconnect, window
+                )
+                return answer, None
             except Exception as exc:
                 return None, exc
 

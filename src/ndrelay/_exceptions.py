@@ -107,10 +107,18 @@ class FrameTooLarge(RemoteProtocolError):
 
 
 class TransportError(NDRelayError):
-    """A client-side network failure; `url` names the endpoint."""
+    """A client-side network failure; `url` names the endpoint.
 
-    def __init__(self, message: str, *, url: str | None = None) -> None:
+    Attributes:
+        accepted_items: raised by `publish`: how many of its items the relay accepted
+            (`None` when unknown).
+    """
+
+    def __init__(
+        self, message: str, *, url: str | None = None, accepted_items: int | None = None
+    ) -> None:
         self.url = url
+        self.accepted_items = accepted_items
         super().__init__(f"{message} ({url})" if url else message)
 
 

@@ -18,6 +18,7 @@ import threading
 import time
 
 import pytest
+from _proxy import CuttingProxy
 from _sources import ServeProcess, bounded, clean_env
 
 from ndrelay import AsyncRelayClient, RelayClient, StreamInterrupted, StreamNotFound
@@ -176,6 +177,26 @@ def test_cut_connection_resumes_without_loss_or_duplicate(relay):
     assert sorted(got) == list(range(N))
 
 
+@pytest.mark.parametrize("prefetch", [1, 64])
+def test_network_cut_under_stream_and_acks_resumes_without_loss_or_duplicate(relay, prefetch):
+    """A proxy resets every connection of the consumer (its stream and its
+    acknowledgements) at once, several times: acknowledgements lost with their connection
+    are said again, so the relay never waits for them, and every item arrives once."""
+    with CuttingProxy(relay.port) as proxy, RelayClient(proxy.url) as client:
+        got: list[int] = []
+
+        def consume() -> None:
+            with client.stream("work", prefetch=prefetch) as s:
+                for item in s:
+                    got.append(int(item[0]))
+                    if len(got) in (10, 64, 65, 300, 1000, 1990):
+                        proxy.cut_all()
+
+        bounded(consume, 120)
+        assert proxy.cuts >= 6
+    assert sorted(got) == list(range(N))
+
+
 @pytest.mark.slow
 def test_relay_restart_on_the_memory_backend_says_the_stream_is_gone():
     proc = ServeProcess("--source", "_sources:numbered")
@@ -227,6 +248,23 @@ async def test_async_client_early_exit_loses_and_duplicates_nothing(relay):
             async for item in s:
                 rest.append(int(item[0]))
     assert sorted(first + rest) == list(range(N))
+
+
+@pytest.mark.anyio
+async def test_async_client_resumes_a_cut_stream(relay):
+    import anyio
+
+    with CuttingProxy(relay.port) as proxy:
+        async with AsyncRelayClient(proxy.url) as client:
+            got: list[int] = []
+            with anyio.fail_after(120):
+                async with await client.stream("work", prefetch=8) as s:
+                    async for item in s:
+                        got.append(int(item[0]))
+                        if len(got) in (100, 1000):
+                            proxy.cut_all()
+                assert s.reconnects >= 2
+    assert sorted(got) == list(range(N))
 
 
 @pytest.fixture

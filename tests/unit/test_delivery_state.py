@@ -201,3 +201,27 @@ def test_ack_inside_a_block_splits_it(release):
         assert stream.info()["depth"] == 6
     else:
         assert stream.pending_of("w") == list(range(4, 10))
+
+
+def test_the_producer_table_forgets_the_ids_not_heard_of_longest() -> None:
+    """Every `publish` names itself: the relay keeps at most `MAX_PRODUCERS` ids per
+    stream, and a retry (a recent id) still finds its position."""
+    from ndrelay.registry.memory import MAX_PRODUCERS
+
+    registry = MemoryRegistry()
+    stream, _ = registry.create("p", StreamSpec(size=8, mode="queue"))
+
+    async def run() -> tuple[int, int, int]:
+        claim, _ = await stream.claim_producer("first")
+        stream.offer_seq("first", claim, [(0, np.zeros(1)), (1, np.zeros(1))])
+        for i in range(MAX_PRODUCERS - 1):
+            await stream.claim_producer(f"p{i}")
+        kept = await stream.producer_position("first")
+        await stream.claim_producer("one-more")  # "first" is now the oldest: forgotten
+        return kept, await stream.producer_position("first"), len(stream._producer_claims)
+
+    try:
+        kept, forgotten, size = asyncio.run(run())
+    finally:
+        registry.close()
+    assert (kept, forgotten, size) == (2, 0, MAX_PRODUCERS)

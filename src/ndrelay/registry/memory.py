@@ -44,6 +44,11 @@ DEFAULT_LEASE = 10.0
 __all__ = ["DEFAULT_LEASE", "Block", "MemoryConsumer", "MemoryRegistry", "MemoryStream"]
 
 
+#: Producer ids remembered per stream (idempotent uploads): every `publish` names itself,
+#: so the table forgets the ids not heard of longest beyond this many.
+MAX_PRODUCERS = 10_000
+
+
 class _Waiters:
     """Futures of coroutines waiting for a change; resolved from any thread."""
 
@@ -445,8 +450,13 @@ class MemoryStream:
                 f"invalid producer id {producer[:80]!r}: use 1-64 of A-Z a-z 0-9 . _ -"
             )
         with self._lock:
-            claim = self._producer_claims.get(producer, 0) + 1
+            # the newest claim last: the table forgets the producers not heard of longest
+            claim = self._producer_claims.pop(producer, 0) + 1
             self._producer_claims[producer] = claim
+            if len(self._producer_claims) > MAX_PRODUCERS:
+                oldest = next(iter(self._producer_claims))
+                del self._producer_claims[oldest]
+                self._producer_next.pop(oldest, None)
             self._space_waiters.wake()  # a superseded upload waiting for room stops
             return claim, self._producer_next.get(producer, 0)
 
@@ -499,12 +509,17 @@ class MemoryStream:
                         gap.index = i  # type: ignore[attr-defined]
                         raise gap
                     rest = self._place(item)
-                    placed = n if rest is None else n - len(rest.array)
+                    if rest is None:
+                        placed = n
+                    elif type(rest) is Block:
+                        placed = n - len(rest.array)
+                    else:  # a single item that did not fit: nothing of it placed
+                        placed = 0
                     expected += placed
                     if rest is not None:
                         return (
                             [(expected, rest), *pairs[i + 1 :]],
-                            self._space_waiters.add(),
+                            self._room_future(),  # this stream's room, or the budget's
                             dups,
                         )
                 return [], None, dups

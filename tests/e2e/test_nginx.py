@@ -112,6 +112,22 @@ def nginx(tmp_path):
         proc.stderr.close()
 
 
+def _directives(text: str) -> set[str]:
+    """The directive lines of an nginx config, comments and indentation removed."""
+    lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
+    return {" ".join(line.split()) for line in lines if line}
+
+
+def test_readmes_nginx_lines_are_docker_nginx_conf_lines():
+    """README shows the lines that matter; docker/nginx.conf (tested below) holds them all,
+    so the two cannot drift apart."""
+    readme = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```nginx\n(.*?)```", readme, flags=re.DOTALL)
+    assert len(blocks) == 1, "README: one nginx block (Behind a proxy)"
+    missing = _directives(blocks[0]) - _directives(CONF.read_text())
+    assert not missing, f"README's nginx lines not in docker/nginx.conf: {sorted(missing)}"
+
+
 def arrays(n: int, seed: int) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [rng.random(MiB // 4, dtype=np.float32) for _ in range(n)]

@@ -5,9 +5,9 @@ The pair is what a user would write without ndrelay, and the baseline the Redis 
 held to: the producer `XADD`s each item as one entry (field `d`: the item's bytes; W2b: 256
 items per entry), pipelined `depth` entries per round trip; the consumer `XREADGROUP`s
 (consumer group, `>`), checks the items and, in one pipelined round trip per reply, `XACK`s
-and `XDEL`s what it read. Bounded like ndrelay's stream: the producer's pipeline ends with
-`XLEN`, and while the stream holds `size` entries or more (read-and-deleted ones are gone)
-it polls `XLEN` every 0.2 ms, so Redis never holds more than about `size` items (no
+and `XDEL`s what it read. Bounded like ndrelay's stream, by credits: the producer may have
+`size` entries in Redis; the consumer's round trip also `RPUSH`es the number it took to a
+credit list, which the producer `BLPOP`s when it has none left (no polling, and no
 `MAXLEN` trimming: that would drop unread items). An entry with field `end` (the item
 count) ends the stream. TCP over 127.0.0.1, hiredis parsing the replies when installed.
 
@@ -25,7 +25,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from typing import Any
 
 import numpy as np
@@ -42,6 +41,7 @@ __all__ = [
 
 STREAM = b"bench"
 GROUP = b"bench"
+CREDITS = b"bench:credits"
 TIMEOUT_MS = 60_000
 MiB = 1 << 20
 
@@ -161,7 +161,14 @@ def producer(
     depth, size = _depth(w), _size(w)
     pipe = r.pipeline(transaction=False)
     n = k = 0
+    credits = size  # entries the producer may still add before the consumer took some
     while not paced.done(n):
+        while credits < depth:  # full: wait for the consumer to take some
+            got = r.blpop([CREDITS], timeout=TIMEOUT_MS / 1000)
+            if got is None:
+                raise TimeoutError(f"the consumer took nothing for {TIMEOUT_MS / 1000:.0f} s")
+            credits += int(got[1])
+        credits -= depth
         for _ in range(depth):
             if w.batch:
                 parts = []
@@ -174,14 +181,7 @@ def producer(
                 pipe.xadd(STREAM, {b"d": pool[k]})
                 k = k + 1 if k + 1 < POOL else 0
                 n += 1
-        pipe.xlen(STREAM)
-        length = pipe.execute()[-1]
-        deadline = time.monotonic() + TIMEOUT_MS / 1000
-        while length > size - depth:  # full: wait for the consumer to take some
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the consumer took nothing for {TIMEOUT_MS / 1000:.0f} s")
-            time.sleep(0.0002)
-            length = r.xlen(STREAM)
+        pipe.execute()
     r.xadd(STREAM, {b"end": n})
     q.put({"role": role, "result": {"sent": n, "vm": self_vm()}})
     r.close()
@@ -231,6 +231,7 @@ def consumer(
             meter.tick(n)
         done.xack(STREAM, GROUP, *ids)
         done.xdel(STREAM, *ids)
+        done.rpush(CREDITS, len(ids))
         done.execute()
     if last is not None:
         (check.batch if w.batch else check.item)(*last)

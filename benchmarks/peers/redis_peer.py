@@ -55,14 +55,16 @@ def _free_port() -> int:
 def _exec(q: Any, role: str, argv: list[str], ready: dict[str, Any]) -> None:
     """Report `ready` on the queue (flushed), then replace this process with `argv`: the
     harness then samples, and finally kills, that program by this PID. stdout is
-    discarded (redis-server's banner); stderr stays."""
+    discarded (redis-server's banner); stderr stays. No NDRELAY_* variables of the
+    caller's shell (a token, say) reach it: the relay runs as configured here."""
     q.put({"role": role, "ready": True, **ready})
     q.close()
     q.join_thread()
     sys.stdout.flush()
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
-    os.execv(argv[0], argv)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NDRELAY_")}
+    os.execve(argv[0], argv, env)
 
 
 def redis_server(q: Any, role: str = "middle", **_: Any) -> None:

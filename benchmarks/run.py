@@ -599,6 +599,69 @@ def measure_latency(
     return out
 
 
+def measure_scale(wl: Workload, consumers: int, replicas: int = 2) -> dict[str, Any]:
+    """ndrelay on Redis scaled out: `replicas` relay processes on one redis-server, one
+    producer uploading W1 items to the first, `consumers` queue consumers spread over the
+    replicas (the first on the second replica: a single consumer reads across replicas).
+    Throughput = the sum of the consumers' rates; every item must arrive once."""
+    wd = wl.to_dict()
+    t_start = time.perf_counter()
+    with Harness() as h:
+        h.start("redis", "peers.redis_peer:redis_server")
+        redis_port = int(h.wait("redis", "ready", timeout=60)["port"])
+        _wait_redis(redis_port, 30)
+        ports = []
+        for r in range(replicas):
+            role = "server" if r == 0 else f"server{r}"
+            h.start(role, "peers.redis_peer:ndrelay_server", redis_port=redis_port)
+            ports.append(int(h.wait(role, "ready", timeout=90)["port"]))
+        for port in ports:
+            _wait_http(port, 30)
+        h.start(
+            "producer",
+            "peers.ndrelay_peer:producer",
+            wl=wd,
+            duration=wl.duration,
+            port=ports[0],
+            name="scale",
+            size=ndrelay_size(wl),
+        )
+        for i in range(consumers):
+            h.start(
+                f"consumer{i}",
+                "peers.redis_peer:scale_consumer",
+                wl=wd,
+                port=ports[(i + 1) % replicas],
+                name="scale",
+                index=i,
+            )
+        cs = [h.wait(f"consumer{i}", timeout=180) for i in range(consumers)]
+        p = h.wait("producer", timeout=30)
+        t0 = min(c["t0"] for c in cs if c.get("t0") is not None)
+        t_end = max(c["t_end"] for c in cs)
+        time.sleep(0.12)  # one more CPU sample past the window's end
+        cpu = {role: h.cpu_between(role, t0, t_end) for role in list(h.procs)}
+    received = sum(c["received"] for c in cs)
+    out = {
+        "consumers": consumers,
+        "replicas": replicas,
+        "sent": p["sent"],
+        "received": received,
+        "shares": [c["received"] for c in cs],
+        "items_per_s": sum(c["items_per_s"] for c in cs),
+        "checked": sum(c["checked"] for c in cs),
+        "window_s": t_end - t0,
+        "cpu_s": cpu,
+        "wall_s": time.perf_counter() - t_start,
+        "foreign_cores": h.foreign_cores,
+    }
+    out["bytes_per_s"] = out["items_per_s"] * wl.itemsize
+    problems = sanity(out)
+    if problems:
+        raise ChildFailed("; ".join(problems))
+    return out
+
+
 # --- the run ---------------------------------------------------------------------------------
 
 
@@ -674,7 +737,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--quick", action="store_true", help="tiny sizes, sanity checks (CI)")
     ap.add_argument("--runs", type=int, default=None, help="runs of each measurement (3; quick 1)")
-    ap.add_argument("--only", default="", help="comma list of W1,W2,W2b,W3,LAT,MEM")
+    ap.add_argument(
+        "--only",
+        default="",
+        help="comma list of W1,W2,W2b,W2c,W3,LAT,MEM,SCALE (SCALE: ndrelay on Redis with "
+        "1, 2, 4 consumers across 2 replicas; only when named)",
+    )
+    ap.add_argument(
+        "--scale-consumers",
+        default="1,2,4",
+        help="consumer counts of the SCALE measurement (default 1,2,4)",
+    )
     ap.add_argument(
         "--transports",
         default="",
@@ -737,6 +810,7 @@ def main(argv: list[str] | None = None) -> int:
     sel = [k for k in wls if not only or k.upper() in only]
     do_lat = not only or "LAT" in only
     do_mem = not only or "MEM" in only
+    do_scale = "SCALE" in only
     transports = [t for t in args.transports.split(",") if t] or list(TRANSPORTS)
     unknown = [t for t in transports if t not in TRANSPORTS]
     if unknown:
@@ -858,6 +932,27 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 )
 
+    scale: dict[int, list[dict[str, Any]]] = {}
+    if do_scale:
+        problem = avail.get("ndrelay-redis") or _backend_problem()
+        if problem:
+            log(f"SCALE: {problem}")
+            failures.append(f"SCALE (ndrelay on Redis): {problem}")
+        else:
+            for r in range(runs):
+                for n in [int(x) for x in args.scale_consumers.split(",") if x.strip()]:
+                    store = scale.setdefault(n, [])
+                    with _guard(log, f"scale {n} consumer(s) run {r + 1}", failures, store):
+                        res = retrying(functools.partial(measure_scale, wls["W1"], n))
+                        res["run"] = r
+                        store.append(res)
+                        log(
+                            f"scale   {n} consumer(s), 2 replicas run {r + 1}: "
+                            f"{_fmt_n(res['items_per_s'])} items/s "
+                            f"{res['bytes_per_s'] / 1e6:8.1f} MB/s (shares {res['shares']}, "
+                            f"other load {res['foreign_cores']:.2f}, attempt {res['attempts']})"
+                        )
+
     report = render(
         args,
         quick,
@@ -873,6 +968,7 @@ def main(argv: list[str] | None = None) -> int:
         mem,
         failures,
         log,
+        scale,
     )
     print(report)
     if args.out:
@@ -886,6 +982,7 @@ def main(argv: list[str] | None = None) -> int:
                     "results": [{"key": list(k), "runs": v} for k, v in results.items()],
                     "latency": [{"key": list(k), "runs": v} for k, v in lat.items()],
                     "memory": [{"key": list(k), "runs": v} for k, v in mem.items()],
+                    "scale": [{"consumers": k, "runs": v} for k, v in scale.items()],
                 },
                 f,
                 indent=1,
@@ -932,6 +1029,7 @@ def render(
     mem: dict[tuple[str, str], list[dict[str, Any]]],
     failures: list[str],
     log: Log,
+    scale: dict[int, list[dict[str, Any]]] | None = None,
 ) -> str:
     L: list[str] = []
     mode = "QUICK (tiny sizes; numbers are a smoke test, not a measurement)" if quick else "full"
@@ -1093,6 +1191,41 @@ def render(
                     f"{_fmt_bytes(end)} | {_fmt_bytes(peak)} | {gtxt} | "
                     f"{x['bytes_per_s'] / 1e6:,.0f} |"
                 )
+        L.append("")
+
+    if scale:
+        wl = wls["W1"]
+        L.append("## Scale-out on Redis\n")
+        L.append(
+            f"ndrelay on the Redis backend: 2 `ndrelay serve --backend` replicas on one "
+            f"redis-server, one producer uploading W1 items ({wl.itemsize:,} B) to the "
+            "first, N queue consumers spread over the replicas (one consumer: on the second "
+            "replica). items/s = the sum of the consumers' rates, median over runs; "
+            "× 1 = against the one-consumer figure; relay CPU = both replicas together, "
+            "per GB received.\n"
+        )
+        L.append("| consumers | items/s | MB/s | × 1 | relay CPU s/GB | shares | other load |")
+        L.append("|--:|--:|--:|--:|--:|---|--:|")
+        one = summarize([x["items_per_s"] for x in _ok(scale.get(1, []))])["median"]
+        for n, rs in scale.items():
+            ok = _ok(rs)
+            if not ok:
+                err = rs[0]["error"][:80] if rs else "?"
+                L.append(f"| {n} | FAILED: {err} | | | | | |")
+                continue
+            ips = summarize([x["items_per_s"] for x in ok])["median"]
+            cpu = summarize(
+                [
+                    sum(v for k, v in x["cpu_s"].items() if k.startswith("server") and v)
+                    / (x["items_per_s"] * x["window_s"] * wl.itemsize / 1e9)
+                    for x in ok
+                ]
+            )["median"]
+            rel = f"{ips / one:.2f}×" if math.isfinite(one) and one > 0 else "–"
+            L.append(
+                f"| {n} | {_fmt_n(ips)} | {_fmt_mb(ips * wl.itemsize)} | {rel} | "
+                f"{cpu:.2f} | {ok[-1]['shares']} | {_fmt_load(ok)} |"
+            )
         L.append("")
 
     issue = _issue_table(results)

@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,7 @@ __all__ = [
     "ndrelay_server",
     "producer",
     "redis_server",
+    "scale_consumer",
 ]
 
 STREAM = b"bench"
@@ -289,3 +291,55 @@ def lat_consumer(
         done.execute()
     q.put({"role": role, "result": {**rec.result(), "vm": self_vm()}})
     r.close()
+
+
+def scale_consumer(
+    q: Any,
+    go: Any,
+    wl: dict[str, Any],
+    port: int,
+    name: str,
+    index: int,
+    role: str = "consumer",
+    **_: Any,
+) -> None:
+    """One of several queue consumers of `name` (consumer id `bench-INDEX`) on one relay
+    replica: each gets a share of the items, so an item is checked against the pool by
+    its own tag (element 0), not by its position in this consumer's share."""
+    from ndrelay import RelayClient
+
+    w = Workload.from_dict(wl)
+    pool = item_pool(w)
+    last = [p.reshape(-1)[-1] for p in pool]
+    dt, shape = np.dtype(w.dtype), tuple(w.shape)
+    meter = Meter(w.warmup)
+    n = checked = 0
+    deadline = time.monotonic() + 20
+    go.set()
+    with RelayClient(f"http://127.0.0.1:{port}") as c:
+        while True:  # the stream exists once the producer made it
+            try:
+                stream = c.stream(name, consumer=f"bench-{index}")
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        with stream:
+            for arr in stream:
+                flat = arr.reshape(-1)
+                tag = int(flat[0])
+                if arr.dtype != dt or arr.shape != shape or not 0 <= tag < POOL:
+                    raise AssertionError(f"item {n}: {arr.dtype}{arr.shape}, tag {flat[0]!r}")
+                if flat[-1] != last[tag]:
+                    raise AssertionError(f"item {n}: last element {flat[-1]!r} for tag {tag}")
+                checked += 1
+                n += 1
+                meter.tick(n)
+    meter.finish(n)
+    q.put(
+        {
+            "role": role,
+            "result": {**meter.result(w.itemsize), "checked": checked, "vm": self_vm()},
+        }
+    )

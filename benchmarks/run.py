@@ -1,9 +1,10 @@
-"""ndrelay benchmark suite: ndrelay against a raw TCP socket, pyzmq and Arrow Flight, side by
-side, on 127.0.0.1, in one run.
+"""ndrelay benchmark suite: ndrelay against a raw TCP socket, pyzmq, Arrow Flight, Zenoh and a
+plain redis-py pair on Redis Streams, side by side, on 127.0.0.1, in one run.
 
     python benchmarks/run.py                 # full run (3 runs of everything, < 10 min)
     python benchmarks/run.py --quick         # tiny sizes, sanity checks, non-zero exit on failure
     python benchmarks/run.py --only W1,LAT --transports raw,ndrelay --runs 5 --out results.md
+    python benchmarks/run.py --quick --transports raw,redis,ndrelay-redis   # the Redis rows
 
 See benchmarks/README.md for what each workload and peer does.
 """
@@ -18,6 +19,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -33,7 +35,7 @@ if HERE not in sys.path:
 from _common import Workload, machine_description, summarize  # noqa: E402
 from _harness import ChildFailed, Harness  # noqa: E402
 
-TRANSPORTS = ("raw", "zmq", "flight", "zenoh", "ndrelay")
+TRANSPORTS = ("raw", "zmq", "flight", "zenoh", "redis", "ndrelay", "ndrelay-redis")
 TOPOLOGIES = ("served", "relayed")
 MiB = 1 << 20
 #: "other load" above this many cores marks a figure as disturbed (⚠).
@@ -124,12 +126,24 @@ def variants(wl: Workload) -> list[tuple[str, str]]:
         raw = [("raw", "item")]
     extra = [("ndrelay", "uds"), ("ndrelay", "async")] if wl.name == "W1" else []
     zenoh = [("zenoh", "tcp"), ("zenoh", "shm")]
-    return [*raw, ("zmq", ""), ("flight", ""), *zenoh, ("ndrelay", ""), *extra, *base]
+    redis = [("redis", ""), ("ndrelay", "redis")]
+    return [*raw, ("zmq", ""), ("flight", ""), *zenoh, ("ndrelay", ""), *extra, *redis, *base]
+
+
+def transport_of(tr: str, mode: str) -> str:
+    """The `--transports` name that selects a variant: ndrelay on the Redis backend is
+    `ndrelay-redis` (it needs redis-server and a Redis-capable ndrelay)."""
+    return "ndrelay-redis" if (tr, mode) == ("ndrelay", "redis") else tr
 
 
 def applies(tr: str, mode: str, topo: str) -> bool:
-    """Zenoh is measured served only (a relayed Zenoh needs its router, zenohd)."""
-    return not (tr == "zenoh" and topo == "relayed")
+    """Zenoh is measured served only (a relayed Zenoh needs its router, zenohd); Redis
+    relayed only (producer -> redis-server (and ndrelay) -> consumer)."""
+    if tr == "zenoh":
+        return topo == "served"
+    if tr == "redis" or (tr, mode) == ("ndrelay", "redis"):
+        return topo == "relayed"
+    return True
 
 
 def peer_workload(tr: str, wl: Workload) -> Workload:
@@ -172,6 +186,8 @@ LABEL = {
     ("ndrelay", "uds"): "**ndrelay**, Unix socket",
     ("ndrelay", "async"): "**ndrelay**, AsyncRelayClient",
     ("ndrelay", "base"): "ndrelay before (baseline tree)",
+    ("redis", ""): "redis-py XADD/XREADGROUP+XACK",
+    ("ndrelay", "redis"): "**ndrelay on Redis**",
 }
 
 
@@ -202,7 +218,21 @@ def availability() -> dict[str, str]:
         out["ndrelay"] = ""
     except Exception as exc:
         out["ndrelay"] = f"not importable ({type(exc).__name__}: {exc})"
+    if not importlib.util.find_spec("redis"):
+        out["redis"] = "not installed (pip install 'redis[hiredis]')"
+    elif shutil.which("redis-server") is None:
+        out["redis"] = "redis-server not installed (Debian: apt install redis-server)"
+    else:
+        out["redis"] = ""
+    out["ndrelay-redis"] = out["ndrelay"] or out["redis"]
     return out
+
+
+def _backend_problem() -> str:
+    """'' when `ndrelay serve --backend redis://...` exists, else why not (asks the CLI)."""
+    from peers.redis_peer import backend_problem
+
+    return backend_problem()
 
 
 def _ensure_ndrelay_path() -> None:
@@ -305,6 +335,33 @@ def _start_pair(
             h.start("middle", "peers.flight_peer:middle", upstream=port)
             port = int(h.wait("middle", "ready", timeout=60)["port"])
         return port
+    if tr == "redis":
+        h.start("middle", "peers.redis_peer:redis_server")
+        port = int(h.wait("middle", "ready", timeout=60)["port"])
+        _wait_redis(port, 30)
+        h.start(
+            "producer",
+            "peers.redis_peer:producer",
+            wl=wd,
+            duration=wl.duration,
+            port=port,
+            limit=limit,
+        )
+        h.wait("producer", "ready", timeout=60)  # the stream and its group exist
+        return port
+    if (tr, mode) == ("ndrelay", "redis"):
+        port = _start_ndrelay_on_redis(h)
+        h.start(
+            "producer",
+            "peers.ndrelay_peer:producer",
+            wl=wd,
+            duration=wl.duration,
+            port=port,
+            name=name,
+            limit=limit,
+            size=ndrelay_size(wl),
+        )
+        return port
     if tr == "ndrelay":
         kw = _ndrelay_kw(mode, uds)
         if topo == "served":
@@ -346,8 +403,39 @@ def _start_pair(
     raise ValueError(tr)
 
 
+def _wait_redis(port: int, timeout: float) -> None:
+    """Until the redis-server on `port` answers PING."""
+    import socket
+
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(64).startswith(b"+PONG"):
+                    return
+        except OSError as exc:  # not up yet
+            last = exc
+        time.sleep(0.05)
+    raise ChildFailed(f"redis-server on port {port} not answering after {timeout:.0f}s: {last}")
+
+
+def _start_ndrelay_on_redis(h: Harness) -> int:
+    """A redis-server (role `redis`) and `ndrelay serve --backend` on it (role `server`);
+    the relay's port."""
+    h.start("redis", "peers.redis_peer:redis_server")
+    redis_port = int(h.wait("redis", "ready", timeout=60)["port"])
+    _wait_redis(redis_port, 30)
+    h.start("server", "peers.redis_peer:ndrelay_server", redis_port=redis_port)
+    port = int(h.wait("server", "ready", timeout=90)["port"])
+    _wait_http(port, 30)
+    return port
+
+
 #: The process that relays (or, served, produces and serves) in each transport and topology:
-#: its CPU time per GB moved is the "relay CPU" column.
+#: its CPU time per GB moved is the "relay CPU" column (ndrelay on Redis: the relay, not
+#: redis-server; the plain Redis pair: redis-server).
 def relay_role(tr: str, topo: str) -> str:
     if tr == "ndrelay":
         return "server"
@@ -388,6 +476,7 @@ def measure(
             "zmq": "peers.zmq_peer",
             "flight": "peers.flight_peer",
             "zenoh": "peers.zenoh_peer",
+            "redis": "peers.redis_peer",
             "ndrelay": "peers.ndrelay_peer",
         }[tr]
         h.start("consumer", f"{mod}:consumer", **ckw)
@@ -397,7 +486,7 @@ def measure(
         out["sent"] = p["sent"]
         out["vm_consumer"] = c.get("vm", {})
         out["vm_producer"] = p.get("vm", {})
-        for role in ("server", "middle"):
+        for role in ("server", "middle", "redis"):
             if role in h.procs:
                 out[f"vm_{role}"] = h.vm(role)
         if c.get("t0") is not None and c.get("t_end"):
@@ -440,11 +529,14 @@ def sanity(r: dict[str, Any]) -> list[str]:
 def measure_latency(
     tr: str, duration: float, warmup: float, rate: float, topo: str = "relayed"
 ) -> dict[str, Any]:
+    """`tr`: raw, zmq, flight, redis, ndrelay or ndrelay-redis."""
     mod = {
         "raw": "peers.raw",
         "zmq": "peers.zmq_peer",
         "flight": "peers.flight_peer",
+        "redis": "peers.redis_peer",
         "ndrelay": "peers.ndrelay_peer",
+        "ndrelay-redis": "peers.ndrelay_peer",
     }[tr]
     total = duration + warmup
     with Harness() as h:
@@ -459,6 +551,19 @@ def measure_latency(
             h.start("middle", f"{mod}:middle", upstream=port)
             port = h.wait("middle", "ready", timeout=60)["port"]
             h.start("consumer", f"{mod}:lat_consumer", port=port, warmup=warmup)
+        elif tr == "redis":
+            h.start("middle", f"{mod}:redis_server")
+            port = int(h.wait("middle", "ready", timeout=60)["port"])
+            _wait_redis(port, 30)
+            h.start("producer", f"{mod}:lat_producer", duration=total, rate=rate, port=port)
+            h.wait("producer", "ready", timeout=60)
+            h.start("consumer", f"{mod}:lat_consumer", port=port, warmup=warmup)
+        elif tr == "ndrelay-redis":
+            port = _start_ndrelay_on_redis(h)
+            h.start(
+                "producer", f"{mod}:lat_producer", duration=total, rate=rate, port=port, name="lat"
+            )
+            h.start("consumer", f"{mod}:lat_consumer", port=port, name="lat", warmup=warmup)
         elif tr == "ndrelay":
             if topo == "served":
                 h.start("server", f"{mod}:served_lat_server", duration=total, rate=rate, name="lat")
@@ -491,6 +596,69 @@ def measure_latency(
         bad.append(f"p50 {c['p50_us']} us")
     if bad:
         raise ChildFailed("; ".join(bad))
+    return out
+
+
+def measure_scale(wl: Workload, consumers: int, replicas: int = 2) -> dict[str, Any]:
+    """ndrelay on Redis scaled out: `replicas` relay processes on one redis-server, one
+    producer uploading W1 items to the first, `consumers` queue consumers spread over the
+    replicas (the first on the second replica: a single consumer reads across replicas).
+    Throughput = the sum of the consumers' rates; every item must arrive once."""
+    wd = wl.to_dict()
+    t_start = time.perf_counter()
+    with Harness() as h:
+        h.start("redis", "peers.redis_peer:redis_server")
+        redis_port = int(h.wait("redis", "ready", timeout=60)["port"])
+        _wait_redis(redis_port, 30)
+        ports = []
+        for r in range(replicas):
+            role = "server" if r == 0 else f"server{r}"
+            h.start(role, "peers.redis_peer:ndrelay_server", redis_port=redis_port)
+            ports.append(int(h.wait(role, "ready", timeout=90)["port"]))
+        for port in ports:
+            _wait_http(port, 30)
+        h.start(
+            "producer",
+            "peers.ndrelay_peer:producer",
+            wl=wd,
+            duration=wl.duration,
+            port=ports[0],
+            name="scale",
+            size=ndrelay_size(wl),
+        )
+        for i in range(consumers):
+            h.start(
+                f"consumer{i}",
+                "peers.redis_peer:scale_consumer",
+                wl=wd,
+                port=ports[(i + 1) % replicas],
+                name="scale",
+                index=i,
+            )
+        cs = [h.wait(f"consumer{i}", timeout=180) for i in range(consumers)]
+        p = h.wait("producer", timeout=30)
+        t0 = min(c["t0"] for c in cs if c.get("t0") is not None)
+        t_end = max(c["t_end"] for c in cs)
+        time.sleep(0.12)  # one more CPU sample past the window's end
+        cpu = {role: h.cpu_between(role, t0, t_end) for role in list(h.procs)}
+    received = sum(c["received"] for c in cs)
+    out = {
+        "consumers": consumers,
+        "replicas": replicas,
+        "sent": p["sent"],
+        "received": received,
+        "shares": [c["received"] for c in cs],
+        "items_per_s": sum(c["items_per_s"] for c in cs),
+        "checked": sum(c["checked"] for c in cs),
+        "window_s": t_end - t0,
+        "cpu_s": cpu,
+        "wall_s": time.perf_counter() - t_start,
+        "foreign_cores": h.foreign_cores,
+    }
+    out["bytes_per_s"] = out["items_per_s"] * wl.itemsize
+    problems = sanity(out)
+    if problems:
+        raise ChildFailed("; ".join(problems))
     return out
 
 
@@ -569,8 +737,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--quick", action="store_true", help="tiny sizes, sanity checks (CI)")
     ap.add_argument("--runs", type=int, default=None, help="runs of each measurement (3; quick 1)")
-    ap.add_argument("--only", default="", help="comma list of W1,W2,W2b,W3,LAT,MEM")
-    ap.add_argument("--transports", default=",".join(TRANSPORTS))
+    ap.add_argument(
+        "--only",
+        default="",
+        help="comma list of W1,W2,W2b,W2c,W3,LAT,MEM,SCALE (SCALE: ndrelay on Redis with "
+        "1, 2, 4 consumers across 2 replicas; only when named)",
+    )
+    ap.add_argument(
+        "--scale-consumers",
+        default="1,2,4",
+        help="consumer counts of the SCALE measurement (default 1,2,4)",
+    )
+    ap.add_argument(
+        "--transports",
+        default="",
+        help=f"comma list of {','.join(TRANSPORTS)} (default: all; ndrelay-redis shows as "
+        "not available when this ndrelay has no Redis backend, and fails when named)",
+    )
     ap.add_argument("--topologies", default=",".join(TOPOLOGIES))
     ap.add_argument("--out", default="", help="write the markdown report here")
     ap.add_argument("--json", default="", help="write every raw result here")
@@ -627,7 +810,11 @@ def main(argv: list[str] | None = None) -> int:
     sel = [k for k in wls if not only or k.upper() in only]
     do_lat = not only or "LAT" in only
     do_mem = not only or "MEM" in only
-    transports = [t for t in args.transports.split(",") if t]
+    do_scale = "SCALE" in only
+    transports = [t for t in args.transports.split(",") if t] or list(TRANSPORTS)
+    unknown = [t for t in transports if t not in TRANSPORTS]
+    if unknown:
+        ap.error(f"unknown transport(s) {', '.join(unknown)}: choose from {', '.join(TRANSPORTS)}")
     topologies = [t for t in args.topologies.split(",") if t]
     avail = availability()
     for t in transports:
@@ -657,13 +844,20 @@ def main(argv: list[str] | None = None) -> int:
     failures: list[str] = []
     if "ndrelay" in transports and avail["ndrelay"] and not args.allow_missing_ndrelay:
         failures.append(f"ndrelay {avail['ndrelay']}")
+    if "ndrelay-redis" in transports and not avail["ndrelay-redis"]:
+        avail["ndrelay-redis"] = _backend_problem()
+        if avail["ndrelay-redis"]:
+            log(f"ndrelay-redis: {avail['ndrelay-redis']}")
+            # asked for by name: a failure; in the default list: a row saying why not
+            if "ndrelay-redis" in args.transports.split(","):
+                failures.append(f"ndrelay on Redis: {avail['ndrelay-redis']}")
     usable = [t for t in transports if not avail.get(t)]
 
     results: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
     for r in range(runs):
         for wname in sel:
             wl = wls[wname]
-            vs = [v for v in variants(wl) if v[0] in usable]
+            vs = [v for v in variants(wl) if transport_of(*v) in usable]
             # rotate the order each run so no transport always goes first or last
             vs = vs[r % len(vs) :] + vs[: r % len(vs)] if vs else vs
             for topo in topologies:
@@ -690,7 +884,11 @@ def main(argv: list[str] | None = None) -> int:
     lat: dict[tuple[str, str], list[dict[str, Any]]] = {}
     lat_cfg = (0.6, 0.2, 1000.0) if quick else (3.0, 0.5, 1000.0)
     if do_lat:
-        lat_cases = [(t, "relayed") for t in ("raw", "zmq", "flight", "ndrelay") if t in usable]
+        lat_cases = [
+            (t, "relayed")
+            for t in ("raw", "zmq", "flight", "redis", "ndrelay", "ndrelay-redis")
+            if t in usable
+        ]
         if "ndrelay" in usable:
             lat_cases.append(("ndrelay", "served"))
         for r in range(runs):
@@ -734,6 +932,27 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 )
 
+    scale: dict[int, list[dict[str, Any]]] = {}
+    if do_scale:
+        problem = avail.get("ndrelay-redis") or _backend_problem()
+        if problem:
+            log(f"SCALE: {problem}")
+            failures.append(f"SCALE (ndrelay on Redis): {problem}")
+        else:
+            for r in range(runs):
+                for n in [int(x) for x in args.scale_consumers.split(",") if x.strip()]:
+                    store = scale.setdefault(n, [])
+                    with _guard(log, f"scale {n} consumer(s) run {r + 1}", failures, store):
+                        res = retrying(functools.partial(measure_scale, wls["W1"], n))
+                        res["run"] = r
+                        store.append(res)
+                        log(
+                            f"scale   {n} consumer(s), 2 replicas run {r + 1}: "
+                            f"{_fmt_n(res['items_per_s'])} items/s "
+                            f"{res['bytes_per_s'] / 1e6:8.1f} MB/s (shares {res['shares']}, "
+                            f"other load {res['foreign_cores']:.2f}, attempt {res['attempts']})"
+                        )
+
     report = render(
         args,
         quick,
@@ -749,6 +968,7 @@ def main(argv: list[str] | None = None) -> int:
         mem,
         failures,
         log,
+        scale,
     )
     print(report)
     if args.out:
@@ -762,6 +982,7 @@ def main(argv: list[str] | None = None) -> int:
                     "results": [{"key": list(k), "runs": v} for k, v in results.items()],
                     "latency": [{"key": list(k), "runs": v} for k, v in lat.items()],
                     "memory": [{"key": list(k), "runs": v} for k, v in mem.items()],
+                    "scale": [{"consumers": k, "runs": v} for k, v in scale.items()],
                 },
                 f,
                 indent=1,
@@ -808,6 +1029,7 @@ def render(
     mem: dict[tuple[str, str], list[dict[str, Any]]],
     failures: list[str],
     log: Log,
+    scale: dict[int, list[dict[str, Any]]] | None = None,
 ) -> str:
     L: list[str] = []
     mode = "QUICK (tiny sizes; numbers are a smoke test, not a measurement)" if quick else "full"
@@ -845,8 +1067,9 @@ def render(
                 if not applies(tr, m, topo):
                     continue
                 name = label(tr, m, wl)
-                if tr not in usable:
-                    L.append(f"| {w} | {topo} | {name} | {avail.get(tr) or 'not run'} |" + " |" * 7)
+                if transport_of(tr, m) not in usable:
+                    why = avail.get(transport_of(tr, m)) or "not run"
+                    L.append(f"| {w} | {topo} | {name} | {why} |" + " |" * 7)
                     continue
                 rs = results.get((w, topo, tr, m), [])
                 ok = _ok(rs)
@@ -902,7 +1125,9 @@ def render(
                 "raw": "raw TCP relay",
                 "zmq": "pyzmq (zmq.proxy)",
                 "flight": "Arrow Flight (middle do_get)",
+                "redis": "redis-py pair (redis-server)",
                 "ndrelay": "**ndrelay**",
+                "ndrelay-redis": "**ndrelay on Redis**",
             }[tr]
             if not ok:
                 L.append(
@@ -968,6 +1193,41 @@ def render(
                 )
         L.append("")
 
+    if scale:
+        wl = wls["W1"]
+        L.append("## Scale-out on Redis\n")
+        L.append(
+            f"ndrelay on the Redis backend: 2 `ndrelay serve --backend` replicas on one "
+            f"redis-server, one producer uploading W1 items ({wl.itemsize:,} B) to the "
+            "first, N queue consumers spread over the replicas (one consumer: on the second "
+            "replica). items/s = the sum of the consumers' rates, median over runs; "
+            "× 1 = against the one-consumer figure; relay CPU = both replicas together, "
+            "per GB received.\n"
+        )
+        L.append("| consumers | items/s | MB/s | × 1 | relay CPU s/GB | shares | other load |")
+        L.append("|--:|--:|--:|--:|--:|---|--:|")
+        one = summarize([x["items_per_s"] for x in _ok(scale.get(1, []))])["median"]
+        for n, rs in scale.items():
+            ok = _ok(rs)
+            if not ok:
+                err = rs[0]["error"][:80] if rs else "?"
+                L.append(f"| {n} | FAILED: {err} | | | | | |")
+                continue
+            ips = summarize([x["items_per_s"] for x in ok])["median"]
+            cpu = summarize(
+                [
+                    sum(v for k, v in x["cpu_s"].items() if k.startswith("server") and v)
+                    / (x["items_per_s"] * x["window_s"] * wl.itemsize / 1e9)
+                    for x in ok
+                ]
+            )["median"]
+            rel = f"{ips / one:.2f}×" if math.isfinite(one) and one > 0 else "–"
+            L.append(
+                f"| {n} | {_fmt_n(ips)} | {_fmt_mb(ips * wl.itemsize)} | {rel} | "
+                f"{cpu:.2f} | {ok[-1]['shares']} | {_fmt_load(ok)} |"
+            )
+        L.append("")
+
     issue = _issue_table(results)
     if issue:
         L.append("## Before and now, one run\n")
@@ -1010,6 +1270,16 @@ def render(
         "process, `RelayClient.stream` over HTTP; relayed = bare `create_app(Relay())` "
         "server, `RelayClient.publish` uploader process, `RelayClient.stream` consumer "
         "process. W2b consumer: `stream(batch=256, stack=True)`."
+    )
+    L.append(
+        "- **redis-py pair**: a redis-server (no persistence) on 127.0.0.1; the producer "
+        "`XADD`s one entry per item (W2b: 256 items per entry), pipelined; the consumer "
+        "`XREADGROUP`s and `XACK`s + `XDEL`s what it read in one pipelined round trip; the "
+        "producer holds while it has ndrelay's `size` entries in Redis (credits the consumer "
+        "`RPUSH`es, the producer `BLPOP`s). "
+        "**ndrelay on Redis**: `ndrelay serve --backend redis://...` on such a "
+        "redis-server, with ndrelay's relayed producer and consumer; its relay CPU "
+        "column is the relay's own (redis-server not counted)."
     )
     L.append("")
     L.append("## Machine\n")
@@ -1135,6 +1405,16 @@ def _targets(
         )
     r = ratio("W1", "served", "ndrelay", "uds")
     row("W1 over the Unix socket ≥ 1.2× raw TCP loopback", r, _fmt_ratio(r), r >= 1.2)
+    on_redis = _median_ips(results, "W1", "relayed", "ndrelay", "redis")
+    pair = _median_ips(results, "W1", "relayed", "redis", "")
+    if math.isfinite(pair) and pair > 0:
+        row(
+            "W1 relayed on Redis ≥ 0.8× the plain redis-py pair "
+            f"({_fmt_ratio(ratio('W1', 'relayed', 'redis'))} raw)",
+            on_redis / pair,
+            f"{on_redis / pair:.2f}×",
+            on_redis / pair >= 0.8,
+        )
     ok = _ok(lat.get(("ndrelay", "relayed"), []))
     if ok:
         v = summarize([x["p99_us"] for x in ok])["median"]

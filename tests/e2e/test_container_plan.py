@@ -1,6 +1,7 @@
 """`docker/smoke.sh --plan`: what the container smoke test would use, on this machine and
 on a user's with Docker or podman and network access (no project build helper next to
-the repository). The whole smoke test itself runs in `.ci/run`, after the suite."""
+the repository); `docker/smoke-scale.sh --plan` the same. The whole smoke tests
+themselves run in `.ci/run`, after the suite."""
 
 from __future__ import annotations
 
@@ -15,12 +16,13 @@ pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "docker" / "smoke.sh"
+SMOKE_SCALE = REPO / "docker" / "smoke-scale.sh"
 PREPARE = REPO.parent / "shared" / "container" / "prepare.sh"
 
 
-def plan(env: dict[str, str]) -> dict[str, str]:
+def plan(env: dict[str, str], script: Path = SMOKE) -> dict[str, str]:
     done = subprocess.run(
-        ["bash", str(SMOKE), "--plan"],
+        ["bash", str(script), "--plan"],
         env=env,
         capture_output=True,
         text=True,
@@ -78,3 +80,17 @@ def test_where_the_build_helper_exists_it_uses_its_local_base_image():
     assert got["engine"] == "podman"
     assert got["base image"].startswith("localhost/")
     assert "--format docker" in got["build options"]
+
+
+def test_the_scale_smoke_test_picks_what_the_smoke_test_picks():
+    env = user_env()
+    env["NDRELAY_SMOKE_PREPARE"] = str(REPO / "no-such-prepare.sh")
+    scale = plan(env, SMOKE_SCALE)
+    assert {k: plan(env)[k] for k in scale} == scale
+    assert set(scale) == {"engine", "compose", "base image", "prepare"}
+    env["NDRELAY_SMOKE_ENGINE"] = "nerdctl"
+    done = subprocess.run(
+        ["bash", str(SMOKE_SCALE), "--plan"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1
+    assert "NDRELAY_SMOKE_ENGINE must be docker or podman" in done.stderr

@@ -28,7 +28,7 @@ from ndrelay import (
     batch_iterator,
 )
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.backends]
 
 
 @pytest.fixture

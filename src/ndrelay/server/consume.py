@@ -11,7 +11,7 @@ from starlette.types import Receive, Scope, Send
 
 from .._codec import encode_batch, encode_data_parts, encode_frame, encode_items
 from .._frames import DataFrame, Frame, HeartbeatFrame
-from ..registry import Block, Consumer, Stream
+from ..registry import Block, Consumer, ReplicaLeaving, Stream
 from .formats import FORMATS, ndjson_line, sse_event
 from .protocol import EXTENSION
 from .relay import Settings
@@ -139,7 +139,7 @@ class FrameStreamResponse(Response):
             if pump.done() and not pump.cancelled() and pump.exception() is not None:
                 raise pump.exception()  # type: ignore[misc]
         finally:
-            self.consumer.close()
+            await self.consumer.aclose()
 
     async def _pump(self, send: Send) -> None:
         consumer = self.consumer
@@ -150,15 +150,25 @@ class FrameStreamResponse(Response):
         batch = self.batch
         take = max(4 * batch, 256) if self.fmt == "msgpack" else batch
         auto_ack = consumer.auto_ack and self.stream.spec.mode == "queue"
+        clock = asyncio.get_running_loop().time
+        quiet_since = clock()  # a heartbeat goes out after `heartbeat` s without a frame
         while True:
-            got = consumer.take(take, _TAKE_BYTES)
+            try:
+                got = await consumer.atake(take, _TAKE_BYTES)
+            except ReplicaLeaving:
+                return  # cut, so that the client resumes on another replica
             if got is None:
+                left = heartbeat - (clock() - quiet_since)
                 try:
-                    async with asyncio.timeout(heartbeat):
+                    if left <= 0:
+                        raise TimeoutError
+                    async with asyncio.timeout(left):
                         await consumer.wait()
                 except TimeoutError:
                     await self._send_frames(send, [HeartbeatFrame()])
+                    quiet_since = clock()
                 continue
+            quiet_since = clock()
             if isinstance(got, Frame):
                 await self._send_frames(send, [got], last=True)
                 return

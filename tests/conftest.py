@@ -66,6 +66,30 @@ class ServerHandle:
                 raise RuntimeError("test server did not start")
             time.sleep(0.01)
 
+    def _http(self, method: str, path: str, **kwargs: Any) -> Any:
+        import httpx
+
+        token = self.relay.settings.token
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        return httpx.request(method, self.url + path, headers=headers, timeout=20, **kwargs)
+
+    def info(self, name: str) -> dict[str, Any]:
+        """`GET /streams/{name}/info` (over HTTP: the same on every backend)."""
+        answer = self._http("GET", f"/streams/{name}/info")
+        answer.raise_for_status()
+        return answer.json()  # type: ignore[no-any-return]
+
+    def names(self) -> list[str]:
+        """The names `GET /streams` lists."""
+        return [s["name"] for s in self._http("GET", "/streams").json()]
+
+    def create(self, name: str, **spec: Any) -> None:
+        """`PUT /streams/{name}` (defaults: an existing default stream is fine)."""
+        self._http("PUT", f"/streams/{name}", json=spec).raise_for_status()
+
+    def delete(self, name: str) -> None:
+        self._http("DELETE", f"/streams/{name}").raise_for_status()
+
     def stop(self) -> None:
         self.relay.close("server shutting down", timeout=2)
         self.server.should_exit = True

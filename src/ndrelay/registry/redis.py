@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from .._exceptions import (
     AckConflict,
@@ -476,10 +476,10 @@ class RedisStream(SchemaCheck):
     async def ainfo(self) -> dict[str, Any]:
         fields = await self._r.hgetall(self.base + ":m")
         m = {_s(k): v for k, v in fields.items()}
-        if not m or m.get("aborted") == b"1":
-            raise StreamNotFound(f"no stream named {self.name!r}", stream_name=self.name)
         term = m.get("term")
         state = "open" if not term else "ended" if b'"end"' in term else "failed"
+        if not m or m.get("aborted") == b"1":  # deleted by another replica meanwhile
+            state = "failed"
 
         def n(key: str) -> int:
             return int(m.get(key, 0))
@@ -752,9 +752,7 @@ class RedisRegistry:
             sha = self._shas[source] = await r.script_load(source)
         try:
             return await r.evalsha(sha, 1, key, *args)
-        except RedisError as exc:
-            if "NOSCRIPT" not in str(exc):
-                raise
+        except NoScriptError:  # Redis restarted: its script cache is empty
             self._shas[source] = await r.script_load(source)
             return await r.evalsha(self._shas[source], 1, key, *args)
 

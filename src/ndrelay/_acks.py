@@ -62,6 +62,9 @@ class AckChannel:
         self._cond = threading.Condition()
         self._stop = False
         self._gone = False  # the relay no longer knows the consumer: nothing to send
+        # the acknowledgement request ended unanswered (a relay replica died behind a
+        # balancer): the last acknowledgement may be lost with it, so it goes again
+        self._again = False
         self._conn: Any = None
         self._thread = threading.Thread(target=self._run, name="ndrelay-acks", daemon=True)
         self._thread.start()
@@ -101,10 +104,13 @@ class AckChannel:
                     self._cond.wait(self.interval)
                 if self._stop:
                     return
+            if self._conn is not None and self._conn.readable_now():
+                self._again = self._answer() is None  # cut, not answered
             count, seq, total = self.taken
-            if count > self._acked[0] and seq is not None and not self._gone:
+            if (count > self._acked[0] or self._again) and seq is not None and not self._gone:
                 if self._send({"consumer": self.consumer, "upto": seq}):
                     self._acked = (count, total)
+                    self._again = False
 
     def _send(self, ack: dict[str, Any], last: bool = False) -> bool:
         """Write one acknowledgement line (opening the request if needed)."""

@@ -17,8 +17,9 @@ from _sources import bounded, free_port
 from conftest import need
 
 from ndrelay import Relay, RelayClient, RelayHTTPError
+from ndrelay.server import Settings
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.backends]
 
 MiB = 1 << 20
 
@@ -105,9 +106,9 @@ def arrays(n: int, seed: int) -> list[np.ndarray]:
     return [rng.random(MiB // 4, dtype=np.float32) for _ in range(n)]
 
 
-def test_a_served_1mib_stream_through_nginx_arrives_byte_for_byte(serve, nginx):
+def test_a_served_1mib_stream_through_nginx_arrives_byte_for_byte(serve, nginx, backend):
     items = arrays(40, 1)
-    relay = Relay()
+    relay = Relay(settings=Settings(backend=backend))
     relay.publish("w1", iter(items), size=8)
     url = nginx(serve(relay).port)
     with RelayClient(url, read_timeout=30) as client:

@@ -637,6 +637,8 @@ class RedisConsumer:
             return out
         if self.cursor >= nxt and term:
             return _frame(term)
+        if self.cursor < nxt and entries:  # jumped past what was read (latest): read on
+            return await self._take_fanout(max_items, max_bytes)
         return None
 
     async def hold(self) -> None:

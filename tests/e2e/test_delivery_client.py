@@ -100,16 +100,7 @@ def run_killed_worker(url: str, consumer: str, take: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_sigkilled_worker_loses_nothing_and_duplicates_only_unacknowledged(relay, backend, request):
-    if backend != "memory":
-        request.applymarker(
-            pytest.mark.xfail(
-                reason="Redis backend, open defect: when this test runs right after its "
-                "memory twin, the relay sometimes keeps the killed worker's connection "
-                "live (its key refreshed), so its 64 pending items hold the stream full",
-                strict=False,
-            )
-        )
+def test_sigkilled_worker_loses_nothing_and_duplicates_only_unacknowledged(relay):
     killed = run_killed_worker(relay.url, "doomed", 100)
     assert len(killed) == 100
     with RelayClient(relay.url) as client:

@@ -656,10 +656,9 @@ class RedisConsumer:
             return
         fut = s._data.add()
         try:
-            async with asyncio.timeout(REFRESH):
-                await fut
-        except TimeoutError:
-            pass
+            # asyncio.wait, not asyncio.timeout: a timeout nested in the caller's, expiring
+            # as the task is cancelled, could swallow the cancellation on Python 3.11
+            await asyncio.wait([fut], timeout=REFRESH)
         finally:
             s._data.discard(fut)
 

@@ -126,6 +126,7 @@ class FrameStreamResponse(Response):
         # `VectoredHttpProtocol` (how `ndrelay serve` runs uvicorn) writes the body
         # from the arrays' memory; under another server, uvicorn's `send` does.
         self._vectored = scope.get("extensions", {}).get(EXTENSION)
+        self._over = False
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             pump = asyncio.ensure_future(self._pump(send))
@@ -133,8 +134,14 @@ class FrameStreamResponse(Response):
             try:
                 await asyncio.wait([pump, watch], return_when=asyncio.FIRST_COMPLETED)
             finally:
+                self._over = True  # the pump stops at its next round, cancelled or not
                 for task in (pump, watch):
                     task.cancel()
+                # a cancellation swallowed by a timeout expiring at the same moment
+                # (Python 3.11) must not leave the pump running: cancel it again
+                while not pump.done():
+                    await asyncio.wait([pump], timeout=1.0)
+                    pump.cancel()
                 await asyncio.gather(pump, watch, return_exceptions=True)
             if pump.done() and not pump.cancelled() and pump.exception() is not None:
                 raise pump.exception()  # type: ignore[misc]
@@ -152,7 +159,7 @@ class FrameStreamResponse(Response):
         auto_ack = consumer.auto_ack and self.stream.spec.mode == "queue"
         clock = asyncio.get_running_loop().time
         quiet_since = clock()  # a heartbeat goes out after `heartbeat` s without a frame
-        while True:
+        while not self._over:
             try:
                 got = await consumer.atake(take, _TAKE_BYTES)
             except ReplicaLeaving:

@@ -246,6 +246,10 @@ class Registry(Protocol):
         """`create_stream` for in-process producers (`Relay.publish`), from any thread."""
         ...
 
+    async def aclose(self) -> None:
+        """Release connections once the server stopped serving (after `close`)."""
+        ...
+
     def close(self, reason: str = "server shutting down") -> None:
         """Server shutdown (from a thread, not the loop): the in-memory backend fails
         every open stream with a `relay` error frame; a shared backend leaves them to

@@ -974,6 +974,9 @@ class MemoryRegistry:
     async def start(self) -> None:
         pass
 
+    async def aclose(self) -> None:
+        pass
+
     async def create_stream(self, name: str, spec: StreamSpec) -> tuple[MemoryStream, bool]:
         return self.create(name, spec)
 

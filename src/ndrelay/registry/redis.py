@@ -953,6 +953,13 @@ class RedisRegistry:
                 out.append(stream)
         return out
 
+    async def aclose(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._redis is not None:
+            await self._redis.aclose()
+
     def close(self, reason: str = "server shutting down") -> None:
         """This replica stops: its consumers' responses are cut so their clients resume
         on another replica; the streams stay in Redis for the others."""

@@ -185,6 +185,7 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
             sweeper.cancel()
             await asyncio.gather(sampler, sweeper, return_exceptions=True)
             await asyncio.to_thread(the_relay.close)  # joins producer threads: not on the loop
+            await registry.aclose()
 
     app = FastAPI(
         title="ndrelay",

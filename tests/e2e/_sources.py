@@ -24,6 +24,9 @@ from typing import Any, TypeVar
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+#: the backend `ServeProcess` passes to `ndrelay serve --backend` (set by the `backend`
+#: fixture of tests/conftest.py for the duration of a test)
+BACKEND = "memory"
 T = TypeVar("T")
 
 
@@ -140,7 +143,8 @@ class ServeProcess:
             where = []
         else:
             where = ["--uds", uds] if uds else ["--port", str(self.port)]
-        self.args = ["serve", *where, "--log-level", "warning", *args]
+        backend = [] if BACKEND == "memory" else ["--backend", BACKEND]
+        self.args = ["serve", *where, "--log-level", "warning", *backend, *args]
         self._stderr = tempfile.TemporaryFile(mode="w+")
         self._stdout = tempfile.TemporaryFile(mode="w+")
 

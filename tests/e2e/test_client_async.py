@@ -23,7 +23,7 @@ from ndrelay import (
     batch_iterator,
 )
 
-pytestmark = [pytest.mark.e2e, pytest.mark.anyio]
+pytestmark = [pytest.mark.e2e, pytest.mark.anyio, pytest.mark.backends]
 
 LIMIT = 20  # seconds any one step may take
 

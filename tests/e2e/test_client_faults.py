@@ -25,7 +25,7 @@ from ndrelay import (
     StreamNotFound,
 )
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.backends]
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ from ndrelay import (
     batch_iterator,
 )
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.backends]
 
 
 @pytest.fixture
@@ -612,3 +612,23 @@ def test_a_producers_own_exception_class_is_caught_as_its_builtin_base(server, c
     assert isinstance(exc, RemoteError)
     assert exc.remote_type == "CalibrationError"
     assert exc.remote_bases == ("ValueError", "Exception", "BaseException")
+
+
+def test_a_10mb_camera_frame_and_a_100mb_array_arrive_whole(client):
+    """Payloads far past any default size cliff (the frame limit is 256 MiB): through a
+    queue stream of size 2, uploaded and read back byte for byte."""
+    rng = np.random.default_rng(7)
+    camera = rng.integers(0, 255, (1080, 1920, 5), dtype=np.uint8)  # 10.4 MB
+    volume = rng.random(25_000_000, dtype=np.float32)  # 100 MB
+    client.create("big", size=2)
+    uploaded: list[dict] = []
+    producer = threading.Thread(
+        target=lambda: uploaded.append(client.publish("big", iter([camera, volume]))),
+        daemon=True,
+    )
+    producer.start()
+    got = bounded(lambda: list(client.stream("big")), 120)
+    producer.join(60)
+    assert len(got) == 2 and uploaded and uploaded[0]["items"] == 2
+    assert_same_item(got[0], camera)
+    assert_same_item(got[1], volume)

@@ -11,7 +11,7 @@ from _sources import ServeProcess, clean_env
 from ndrelay import Relay
 from ndrelay.server import Settings, create_app
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.backends]
 
 PAGE = "http://127.0.0.1:5173"
 PREFLIGHT = {
@@ -22,7 +22,7 @@ PREFLIGHT = {
 
 
 @pytest.fixture
-def proc():
+def proc(backend):
     procs = []
 
     def start(*args, **kwargs):

@@ -23,13 +23,13 @@ from _sources import ServeProcess, bounded, clean_env
 
 from ndrelay import AsyncRelayClient, RelayClient, StreamInterrupted, StreamNotFound
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.backends]
 
 N = 2000
 
 
 @pytest.fixture
-def relay():
+def relay(backend):
     proc = ServeProcess("--source", "_sources:numbered", "--lease", "2")
     yield proc
     proc.stop()

@@ -17,7 +17,7 @@ import pytest
 
 from ndrelay import DataFrame, EndFrame, ErrorFrame, FrameDecoder, encode_frame
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.backends]
 
 
 def frames_of(*items, end=True, seq=True):

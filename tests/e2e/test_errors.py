@@ -20,7 +20,7 @@ from ndrelay import (
 )
 from ndrelay._frames import DataFrame, EndFrame
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.backends]
 
 
 # -- relay-origin error frames raise ndrelay's classes -----------------------------------
@@ -71,7 +71,7 @@ async def test_async_a_deleted_stream_raises_stream_closed(server):
         await client.create("doomed")
         s = await client.stream("doomed")
         with anyio.fail_after(20):
-            registered = server.relay.registry.get("doomed").info
+            registered = lambda: server.info("doomed")  # noqa: E731
             assert await anyio.to_thread.run_sync(wait_until, lambda: registered()["consumers"])
             await client.delete("doomed")
             with pytest.raises(StreamClosed) as info:
@@ -92,8 +92,8 @@ def _upload(*frames):
 def _cases(server):
     """(request arguments, expected status, expected `error`) for each kind of refusal."""
     server.relay.publish("done", iter([np.zeros(2, np.float32)]))
-    assert wait_until(lambda: server.relay.registry.get("done").info()["state"] == "ended")
-    server.relay.registry.get_or_create("typed")
+    assert wait_until(lambda: server.info("done")["state"] == "ended")
+    server.create("typed")
     return [
         (("GET", "/streams/nope/info"), {}, 404, "StreamNotFound"),
         (("GET", "/no/such/path"), {}, 404, "NotFound"),
@@ -130,7 +130,7 @@ def test_every_error_answer_has_one_shape(server):
 
 
 def test_validation_errors_say_what_is_wrong(server):
-    server.relay.registry.get_or_create("s")
+    server.create("s")
     with httpx.Client(base_url=server.url, timeout=20) as http:
         body = http.get("/streams/s?batch=0").json()
         assert body["message"].startswith("query parameter 'batch': ")

@@ -35,7 +35,7 @@ from ndrelay import (
 )
 from ndrelay.registry import StreamSpec
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.backends]
 
 #: Upper bound of every network call and polling loop: nothing should come close.
 WAIT = 10.0
@@ -1023,7 +1023,7 @@ def _request(http: httpx.Client, method: str, path: str, **kwargs: Any) -> httpx
 @pytest.fixture
 def secured(serve: Any) -> Iterator[httpx.Client]:
     server = serve(token="s3cret")
-    server.relay.registry.create("a", StreamSpec(size=4))
+    server.relay.registry.create_blocking("a", StreamSpec(size=4))
     with httpx.Client(base_url=server.url, timeout=WAIT) as client:
         yield client
 

@@ -21,7 +21,7 @@ from ndrelay import DataFrame, EndFrame, Frame, FrameDecoder, Relay, encode_fram
 from ndrelay.cli.demo import demo_count, demo_radar
 from ndrelay.server import Settings
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.backends]
 
 CURL = shutil.which("curl")
 #: `--max-time` of calls that should finish on their own.
@@ -35,9 +35,9 @@ def _need_curl() -> None:
 
 
 @pytest.fixture
-def demo(serve: Callable[..., Any]) -> Any:
+def demo(serve: Callable[..., Any], backend: str) -> Any:
     """A server with the streams `ndrelay serve --demo` adds."""
-    relay = Relay(settings=Settings())
+    relay = Relay(settings=Settings(backend=backend))
     relay.publish("radar", demo_radar(), size=64, mode="fanout")
     relay.publish("count", demo_count(), size=64)
     return serve(relay)
@@ -352,8 +352,8 @@ def test_create_delete_latest_metrics_with_curl(demo):
     assert json.loads(body)["error"] == "StreamNotFound"
 
 
-def test_curl_with_a_token(serve):
-    relay = Relay(settings=Settings(token="s3cret"))
+def test_curl_with_a_token(serve, backend):
+    relay = Relay(settings=Settings(token="s3cret", backend=backend))
     relay.publish("count", demo_count(), size=64)
     server = serve(relay)
     h = host(server)

@@ -31,7 +31,7 @@ from ndrelay import (
     encode_frame,
 )
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.backends]
 
 #: Upper bound of every network call, join and polling loop.
 WAIT = 10.0

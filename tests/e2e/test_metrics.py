@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ndrelay import RelayClient
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.backends]
 
 
 def scrape(url: str) -> tuple[str, dict[str, list]]:

@@ -34,8 +34,9 @@ from ndrelay import (
     RelayHTTPError,
     encode_frame,
 )
+from ndrelay.server import Settings
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.backends]
 
 MiB = 1 << 20
 REPO = Path(__file__).resolve().parents[2]
@@ -133,9 +134,9 @@ def arrays(n: int, seed: int) -> list[np.ndarray]:
     return [rng.random(MiB // 4, dtype=np.float32) for _ in range(n)]
 
 
-def test_a_served_1mib_stream_through_nginx_arrives_byte_for_byte(serve, nginx):
+def test_a_served_1mib_stream_through_nginx_arrives_byte_for_byte(serve, nginx, backend):
     items = arrays(40, 1)
-    relay = Relay()
+    relay = Relay(settings=Settings(backend=backend))
     relay.publish("w1", iter(items), size=8)
     url = nginx(serve(relay).port)
     with RelayClient(url, read_timeout=30) as client:
@@ -273,66 +274,13 @@ def test_a_relay_killed_behind_nginx_is_passed_over(nginx):
 # -- two replicas on one Redis (the Redis backend: `ndrelay serve --backend redis://...`) ----
 
 
-def _has_redis_backend() -> bool:
-    done = subprocess.run(
-        [sys.executable, "-m", "ndrelay", "serve", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    return "--backend" in done.stdout
-
-
 @pytest.fixture
-def redis_url(tmp_path):
-    """A redis-server (Debian's) on a free 127.0.0.1 port, no persistence; its URL.
-    Stopped by PID at teardown."""
-    binary = need("redis-server")
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp_path),
-            "--loglevel",
-            "warning",
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-                sock.sendall(b"PING\r\n")
-                if sock.recv(16).startswith(b"+PONG"):
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("redis-server did not start")
-        time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=10)
+def redis_url(redis_server):
+    """The session's redis-server (tests/conftest.py), flushed."""
+    redis_server.command("FLUSHALL")
+    return redis_server.url
 
 
-@pytest.mark.xfail(
-    not _has_redis_backend(),
-    reason="runs once ndrelay serve has --backend (the Redis backend)",
-    strict=True,
-)
 @pytest.mark.parametrize("victim", ["reader's", "other"])
 def test_two_replicas_on_redis_behind_nginx_lose_nothing_when_one_is_killed(
     nginx, redis_url, victim

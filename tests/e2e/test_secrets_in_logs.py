@@ -13,13 +13,13 @@ from _sources import ServeProcess, bounded, clean_env
 from ndrelay import RelayClient
 from ndrelay.server.redact import SecretRedactor
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.backends]
 
 TOKEN = "s3cret-tok3n"
 
 
 @pytest.mark.slow
-def test_a_real_servers_logs_never_show_the_token():
+def test_a_real_servers_logs_never_show_the_token(backend):
     proc = ServeProcess("--token", TOKEN, "--log-level", "debug", "--demo", env=clean_env())
     try:
         base = proc.url

@@ -5,7 +5,7 @@ import pytest
 
 from ndrelay import RelayClient, RemoteError
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.backends]
 
 
 def test_publish_and_stream_with_producer_error(server):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import need
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.backends]
 
 
 def curl(url: str, *headers: str, max_time: float = 20) -> tuple[int, str]:
@@ -67,7 +67,7 @@ def test_a_failed_stream_after_its_error_frame_is_204(server):
 
 def test_a_deleted_stream_is_204_for_a_reconnect_and_404_for_a_first_request(server):
     ten(server.relay, "gone", "fanout")
-    server.relay.registry.delete("gone")
+    server.delete("gone")
     url = f"{server.url}/streams/gone?format=sse"
     assert curl(url, "Last-Event-ID: 3") == (204, "")
     assert curl(url)[0] == 404
@@ -83,7 +83,7 @@ def test_last_event_id_is_only_for_sse_and_must_be_a_seq(server):
 
 def test_heartbeat_is_a_comment(serve):
     server = serve(heartbeat_interval=0.2)
-    server.relay.registry.get_or_create("idle")
+    server.create("idle")
     status, body = curl(f"{server.url}/streams/idle?format=sse", max_time=1.5)
     assert status == 200
     blocks = [b for b in body.split("\n\n") if b]

@@ -9,9 +9,10 @@ import subprocess
 
 import numpy as np
 import pytest
+from _sources import poll
 from conftest import need
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.backends]
 
 
 def sse_events(body: str) -> list[tuple[str, dict]]:
@@ -36,6 +37,7 @@ def curl(url: str, *headers: str, max_time: float = 20) -> str:
 
 def test_fanout_resumes_after_last_event_id(server):
     server.relay.publish("ticks", (np.array([i]) for i in range(20)), size=32, mode="fanout")
+    poll(lambda: server.info("ticks")["state"] == "ended", "the stream's end")
     url = f"{server.url}/streams/ticks?format=sse"
     again = sse_events(curl(url, "Last-Event-ID: 12"))
     assert [d["seq"] for k, d in again if k == "data"] == list(range(13, 20))

@@ -17,13 +17,13 @@ from conftest import need
 
 from ndrelay import AsyncRelayClient, ConnectError, RelayClient, StreamNotFound
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.backends]
 
 LIMIT = 20
 
 
 @pytest.fixture
-def uds_serve(tmp_path):
+def uds_serve(tmp_path, backend):
     """Factory: `ndrelay serve --uds <tmp>/relay.sock <args>`; killed by PID at teardown."""
     procs = []
 

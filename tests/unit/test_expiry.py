@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import anyio
 import numpy as np
 import pytest
@@ -26,46 +28,49 @@ def test_finished_and_empty_unused_streams_go_after_the_ttl() -> None:
     full.put_blocking(np.arange(3))  # open, holding an item: waits for its reader
     read, _ = registry.create("read", StreamSpec())
     consumer = read.open_consumer()
-    assert expiry.sweep(now=0) == []
-    assert expiry.expires_in(empty, now=0) == 60 and expiry.expires_in(read) is None
-    assert expiry.expires_in(empty, now=45) == 15
-    assert expiry.sweep(now=59) == []
-    assert sorted(expiry.sweep(now=60)) == ["done", "empty"]
+    assert asyncio.run(expiry.sweep(now=0)) == []
+    assert (
+        expiry.expires_in(empty, empty.info(), now=0) == 60
+        and expiry.expires_in(read, read.info()) is None
+    )
+    assert expiry.expires_in(empty, empty.info(), now=45) == 15
+    assert asyncio.run(expiry.sweep(now=59)) == []
+    assert sorted(asyncio.run(expiry.sweep(now=60))) == ["done", "empty"]
     assert names(registry) == ["full", "read"]
     consumer.close()  # unused from now on: its clock starts at the next sweep
-    assert expiry.sweep(now=61) == []
-    assert expiry.sweep(now=121) == ["read"]
+    assert asyncio.run(expiry.sweep(now=61)) == []
+    assert asyncio.run(expiry.sweep(now=121)) == ["read"]
 
 
 def test_use_restarts_the_clock() -> None:
     registry = MemoryRegistry()
     expiry = Expiry(registry, ttl=10)
     stream, _ = registry.create("s", StreamSpec())
-    expiry.sweep(now=0)
+    asyncio.run(expiry.sweep(now=0))
     with stream.producing():
-        expiry.sweep(now=5)  # in use
-    expiry.sweep(now=6)
-    assert expiry.sweep(now=15) == []
-    assert expiry.sweep(now=16) == ["s"]
+        asyncio.run(expiry.sweep(now=5))  # in use
+    asyncio.run(expiry.sweep(now=6))
+    assert asyncio.run(expiry.sweep(now=15)) == []
+    assert asyncio.run(expiry.sweep(now=16)) == ["s"]
 
 
 def test_a_stream_made_again_under_its_name_starts_a_new_clock() -> None:
     registry = MemoryRegistry()
     expiry = Expiry(registry, ttl=10)
     registry.create("s", StreamSpec())
-    expiry.sweep(now=0)
+    asyncio.run(expiry.sweep(now=0))
     registry.delete("s")
     registry.create("s", StreamSpec())
-    assert expiry.sweep(now=10) == []
-    assert expiry.sweep(now=20) == ["s"]
+    assert asyncio.run(expiry.sweep(now=10)) == []
+    assert asyncio.run(expiry.sweep(now=20)) == ["s"]
 
 
 def test_no_ttl_no_expiry() -> None:
     registry = MemoryRegistry()
     registry.create("s", StreamSpec())
     expiry = Expiry(registry, ttl=0)
-    assert expiry.sweep(now=0) == expiry.sweep(now=1e9) == []
-    assert expiry.expires_in(registry.get("s")) is None
+    assert asyncio.run(expiry.sweep(now=0)) == asyncio.run(expiry.sweep(now=1e9)) == []
+    assert expiry.expires_in(registry.get("s"), registry.get("s").info()) is None
 
 
 @pytest.fixture

@@ -135,6 +135,12 @@ def _size(text: str | None, what: str) -> int | None:
     help="Seconds between heartbeats on idle streams [default: 15].",
 )
 @click.option(
+    "--backend",
+    envvar="NDRELAY_BACKEND",
+    help="Where streams live: 'memory' (this process) or redis://host:port/db (shared by "
+    "every relay replica on that Redis; needs the 'redis' extra) [default: memory].",
+)
+@click.option(
     "--lease",
     type=float,
     envvar="NDRELAY_LEASE",
@@ -225,6 +231,7 @@ def serve(
     max_streams: int | None,
     max_memory: int | None,
     heartbeat: float | None,
+    backend: str | None,
     lease: float | None,
     sse_retry: float | None,
     cors_origins: tuple[str, ...],
@@ -263,6 +270,8 @@ def serve(
         settings.max_memory = max_memory
     if heartbeat is not None:
         settings.heartbeat_interval = heartbeat
+    if backend:
+        settings.backend = backend
     if lease is not None:
         if not 0 <= lease <= 86400:
             raise click.BadParameter("must be from 0 to 86400 seconds", param_hint="--lease")
@@ -304,7 +313,10 @@ def serve(
             open_files,
             connections,
         )
-    relay = Relay(settings=settings)
+    try:
+        relay = Relay(settings=settings)
+    except (ValueError, ImportError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--backend") from None
     if demo:
         publish_demo(relay)
     for spec in sources:
@@ -322,10 +334,10 @@ def serve(
     )
     limit_logs()  # after uvicorn configured its loggers
     server = _server(config, relay)
-    names = ", ".join(s.name for s in relay.registry.streams()) or "none yet"
+    names = ", ".join(relay.published) or "none yet"
     click.echo(
         f"ndrelay {__version__}: {f'unix://{uds}' if uds else f'http://{host}:{port}'} "
-        f"(1 worker, in-memory streams; auth {'on' if settings.token else 'off'}; "
+        f"(1 worker, {relay.registry.description}; auth {'on' if settings.token else 'off'}; "
         f"max memory {format_size(settings.max_memory)}; at most {connections} "
         f"connections; streams: {names})",
         err=True,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, Protocol
 
@@ -19,6 +19,7 @@ __all__ = [
     "POLICIES",
     "Consumer",
     "Registry",
+    "ReplicaLeaving",
     "Stream",
     "StreamSpec",
     "check_name",
@@ -86,10 +87,16 @@ class StreamSpec:
         return out
 
 
+class ReplicaLeaving(Exception):
+    """Raised by `Consumer.atake` when this relay replica shuts down while its streams live
+    on elsewhere (a shared backend): the response ends without a terminal frame, so that
+    the client resumes on another replica."""
+
+
 class Consumer(Protocol):
     """One connection of a reader of a stream; it holds a consumer slot until closed.
 
-    In queue mode what `take` returns is *pending* for the consumer id until the stream's
+    In queue mode what `atake` returns is *pending* for the consumer id until the stream's
     `ack` acknowledges it; when the connection closes, its pending items wait for the id
     to come back for the lease, then return to the front of the queue (DESIGN.md §5).
     """
@@ -99,7 +106,7 @@ class Consumer(Protocol):
     #: acknowledge items once written (a reader that cannot acknowledge, e.g. curl)
     auto_ack: bool
 
-    def take(
+    async def atake(
         self, max_items: int, max_bytes: int = 1 << 62
     ) -> list[tuple[int, Any]] | Frame | None:
         """Up to `max_items` `(seq, item)` pairs with consecutive seqs (fewer once they
@@ -108,20 +115,25 @@ class Consumer(Protocol):
         ...
 
     async def wait(self) -> None:
-        """Return once `take` may have something (cancellable)."""
+        """Return once `atake` may have something (cancellable)."""
         ...
 
     async def ack_written(self, upto: int) -> None:
         """For an `auto_ack` consumer: the items up to seq `upto` reached the connection."""
         ...
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
         """End this connection (its pending items start their lease); idempotent."""
         ...
 
 
 class Stream(Protocol):
-    """One named stream of a registry."""
+    """One named stream of a registry, as the server sees it.
+
+    Methods that may need I/O (a Redis backend) are coroutines; the in-memory backend's
+    never wait for anything but room or data. Producer threads (`Relay.publish`) use the
+    `*_blocking` methods, which never block an event loop.
+    """
 
     name: str
     spec: StreamSpec
@@ -130,35 +142,26 @@ class Stream(Protocol):
         """Raise `SchemaMismatch`/`LocalProtocolError` if `item` may not enter this stream."""
         ...
 
-    async def put(self, item: Any) -> None:
-        """Add one item, waiting while the buffer is full. Raises `StreamClosed`."""
-        ...
-
-    async def put_many(self, items: Sequence[Any]) -> None:
-        """`put` for several items in order (fewer lock rounds)."""
-        ...
-
-    def offer(self, items: Sequence[Any]) -> tuple[list[Any], asyncio.Future[None] | None]:
+    async def aoffer(self, items: Sequence[Any]) -> tuple[list[Any], asyncio.Future[None] | None]:
         """Add what fits now; the rest, and a future to await before offering it again."""
         ...
 
     def forget(self, fut: asyncio.Future[None]) -> None:
-        """Drop a future `offer` returned."""
+        """Drop a future `aoffer` returned."""
         ...
 
-    def put_blocking(self, item: Any, timeout: float | None = None) -> None:
-        """`put` for producer threads: blocks the calling thread, never an event loop."""
+    async def aoffer_seq(
+        self, producer: str, claim: int, pairs: Sequence[tuple[int, Any]]
+    ) -> tuple[list[tuple[int, Any]], asyncio.Future[None] | None, int]:
+        """`aoffer` of `(producer seq, item)` pairs: duplicates skipped (counted), a gap
+        raises `SeqGap`; returns `(rest, future, duplicates)`."""
         ...
 
-    def put_many_blocking(self, items: Sequence[Any]) -> None:
-        """Add several items from a producer thread, in order, waiting for room."""
-        ...
-
-    def finish(self, frame: Frame) -> None:
+    async def afinish(self, frame: Frame) -> None:
         """Finish with an `EndFrame` or `ErrorFrame` (sticky for every consumer)."""
         ...
 
-    def open_consumer(
+    async def aopen_consumer(
         self,
         policy: str = "block",
         *,
@@ -185,46 +188,70 @@ class Stream(Protocol):
         """The next seq expected from `producer` (0 for a new one)."""
         ...
 
-    def offer_seq(
-        self, producer: str, claim: int, pairs: Sequence[tuple[int, Any]]
-    ) -> tuple[list[tuple[int, Any]], asyncio.Future[None] | None, int]:
-        """`offer` of `(producer seq, item)` pairs: duplicates skipped (counted), a gap
-        raises `SeqGap`; returns `(rest, future, duplicates)`."""
+    def aproducing(self) -> AbstractAsyncContextManager[None]:
+        """Count a producer while the `async with` block runs (shown in `ainfo()`)."""
+        ...
+
+    async def ainfo(self) -> dict[str, Any]:
+        """Definition, state and counters (DESIGN.md §3)."""
+        ...
+
+    async def alatest(self) -> tuple[int, Any] | None:
+        """The newest buffered item `(seq, item)`, without consuming it."""
+        ...
+
+    # -- for producer threads (never on the event loop) ---------------------------------
+
+    def put_blocking(self, item: Any, timeout: float | None = None) -> None:
+        """Add one item from a producer thread, waiting while the buffer is full."""
+        ...
+
+    def finish_blocking(self, frame: Frame) -> None:
+        """`afinish` from a producer thread."""
         ...
 
     def producing(self) -> AbstractContextManager[None]:
-        """Count a producer while the `with` block runs (shown in `info()`)."""
+        """`aproducing` for a producer thread."""
         ...
-
-    @property
-    def finished(self) -> bool: ...
-
-    def info(self) -> dict[str, Any]: ...
 
 
 class Registry(Protocol):
-    """A set of named streams. The in-memory backend is `MemoryRegistry`."""
+    """A set of named streams: `MemoryRegistry` (default) or `RedisRegistry`."""
 
     #: The relay-wide bound on buffered bytes its streams draw on (`None`: unbounded).
     budget: MemoryBudget | None
+    #: What the server says it keeps its streams in (`in-memory streams`, `redis://...`).
+    description: str
 
-    def create(self, name: str, spec: StreamSpec) -> tuple[Stream, bool]:
+    async def start(self) -> None:
+        """Connect, on the loop that will serve the streams (server start-up)."""
+        ...
+
+    async def create_stream(self, name: str, spec: StreamSpec) -> tuple[Stream, bool]:
         """Create `name` (`(stream, True)`), or return the identical existing one
         (`(stream, False)`); `StreamConflict` if it exists with another spec."""
         ...
 
-    def get(self, name: str) -> Stream:
+    async def get_stream(self, name: str) -> Stream:
         """The stream, or `StreamNotFound`."""
         ...
 
-    def get_or_create(self, name: str) -> Stream: ...
-
-    def delete(self, name: str, reason: str = "stream deleted") -> None:
+    async def delete_stream(self, name: str, reason: str = "stream deleted") -> None:
         """Remove the stream; its consumers get a `relay` error frame."""
         ...
 
-    def streams(self) -> Sequence[Stream]: ...
+    async def list_streams(self) -> Sequence[Stream]: ...
+
+    def create_blocking(self, name: str, spec: StreamSpec) -> Stream:
+        """`create_stream` for in-process producers (`Relay.publish`), from any thread."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections once the server stopped serving (after `close`)."""
+        ...
 
     def close(self, reason: str = "server shutting down") -> None:
-        """Fail every open stream with a `relay` error frame (server shutdown)."""
+        """Server shutdown (from a thread, not the loop): the in-memory backend fails
+        every open stream with a `relay` error frame; a shared backend leaves them to
+        the other replicas."""
         ...

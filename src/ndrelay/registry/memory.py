@@ -14,19 +14,16 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import numpy as np
 
-from .._codec import check_dtype
 from .._exceptions import (
     AckConflict,
     ConsumerNotFound,
-    LocalProtocolError,
     RegistryError,
-    SchemaMismatch,
     SeqGap,
     StreamClosed,
     StreamConflict,
@@ -37,6 +34,7 @@ from ._base import CONSUMER_PATTERN, POLICIES, StreamSpec, check_name
 from ._block import Block
 from ._budget import MemoryBudget
 from ._delivery import ConsumerRecord, Entry, entry_count
+from ._schema import SchemaCheck
 
 #: Lease of a departed consumer's pending items when nobody says otherwise (seconds).
 DEFAULT_LEASE = 10.0
@@ -89,7 +87,7 @@ def _resolve(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-class MemoryStream:
+class MemoryStream(SchemaCheck):
     """One stream: a bounded buffer of `(seq, item)` with queue or fanout delivery.
 
     With a `budget`, the bytes it holds also count against the relay-wide bound.
@@ -146,38 +144,6 @@ class MemoryStream:
         self._checked: set[tuple[np.dtype[Any], tuple[int, ...]]] = set()  # layouts let in
 
     # -- producer side ---------------------------------------------------------------
-
-    def check_item(self, item: Any) -> None:
-        if type(item) is Block:  # its rows are the items
-            if len(item.array):
-                self.check_item(item.array[0])
-            return
-        if isinstance(item, np.generic):
-            item = np.asarray(item)
-        if isinstance(item, np.ndarray):
-            if (item.dtype, item.shape) in self._checked:
-                return
-            try:
-                check_dtype(item.dtype)
-            except ValueError as exc:
-                raise LocalProtocolError(str(exc), key="dtype") from None
-            spec = self.spec
-            if (self._dtype is not None and item.dtype != self._dtype) or (
-                spec.shape is not None and item.shape != spec.shape
-            ):
-                raise SchemaMismatch(
-                    f"stream {self.name!r} takes dtype {spec.dtype} shape {spec.shape}, "
-                    f"got dtype {item.dtype.str} shape {item.shape}",
-                    stream_name=self.name,
-                )
-            if len(self._checked) < 256:
-                self._checked.add((item.dtype, item.shape))
-        elif not isinstance(item, bytes | bytearray):
-            raise LocalProtocolError(
-                f"a stream item must be an np.ndarray, bytes or bytearray, "
-                f"not {type(item).__name__}",
-                key="data",
-            )
 
     def _closed(self) -> StreamClosed:
         terminal = self._terminal
@@ -439,6 +405,46 @@ class MemoryStream:
     @property
     def finished(self) -> bool:
         return self._terminal is not None
+
+    # -- the server's interface (registry.Stream): coroutines over the calls above -----
+
+    async def aoffer(self, items: Sequence[Any]) -> tuple[list[Any], asyncio.Future[None] | None]:
+        return self.offer(items)
+
+    async def aoffer_seq(
+        self, producer: str, claim: int, pairs: Sequence[tuple[int, Any]]
+    ) -> tuple[list[tuple[int, Any]], asyncio.Future[None] | None, int]:
+        return self.offer_seq(producer, claim, pairs)
+
+    async def afinish(self, frame: Frame) -> None:
+        self.finish(frame)
+
+    def finish_blocking(self, frame: Frame) -> None:
+        self.finish(frame)
+
+    @asynccontextmanager
+    async def aproducing(self) -> AsyncIterator[None]:
+        with self.producing():
+            yield
+
+    async def ainfo(self) -> dict[str, Any]:
+        return self.info()
+
+    async def alatest(self) -> tuple[int, Any] | None:
+        return self.latest()
+
+    async def aopen_consumer(
+        self,
+        policy: str = "block",
+        *,
+        consumer: str | None = None,
+        after: int | None = None,
+        lease: float | None = None,
+        auto_ack: bool | None = None,
+    ) -> MemoryConsumer:
+        return self.open_consumer(
+            policy, consumer=consumer, after=after, lease=lease, auto_ack=auto_ack
+        )
 
     # -- idempotent uploads ----------------------------------------------------------
 
@@ -897,6 +903,14 @@ class MemoryConsumer:
             s._space_freed()
             return out
 
+    async def atake(
+        self, max_items: int, max_bytes: int = 1 << 62
+    ) -> list[tuple[int, Any]] | Frame | None:
+        return self.take(max_items, max_bytes)
+
+    async def aclose(self) -> None:
+        self.close()
+
     async def wait(self) -> None:
         s = self.stream
         with s._lock:
@@ -969,6 +983,29 @@ class MemoryRegistry:
         self._clock = clock
         self._streams: dict[str, MemoryStream] = {}
         self._lock = threading.Lock()
+
+    description = "in-memory streams"
+
+    async def start(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+    async def create_stream(self, name: str, spec: StreamSpec) -> tuple[MemoryStream, bool]:
+        return self.create(name, spec)
+
+    def create_blocking(self, name: str, spec: StreamSpec) -> MemoryStream:
+        return self.create(name, spec)[0]
+
+    async def get_stream(self, name: str) -> MemoryStream:
+        return self.get(name)
+
+    async def delete_stream(self, name: str, reason: str = "stream deleted") -> None:
+        self.delete(name, reason)
+
+    async def list_streams(self) -> list[MemoryStream]:
+        return self.streams()
 
     def create(self, name: str, spec: StreamSpec) -> tuple[MemoryStream, bool]:
         check_name(name)

@@ -88,9 +88,9 @@ is `event: stream-error` (EventSource's own `error` event means a dropped connec
 ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 
 
-def _get_stream(request: Request, name: NameParam) -> Stream:
+async def _get_stream(request: Request, name: NameParam) -> Stream:
     relay: Relay = request.app.state.relay
-    return relay.registry.get(name)
+    return await relay.registry.get_stream(name)
 
 
 StreamDep = Annotated[Stream, Depends(_get_stream)]
@@ -166,14 +166,15 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
 
     rates = RateMeter()
 
-    def all_infos() -> list[dict[str, Any]]:
-        return [s.info() for s in registry.streams()]
+    async def all_infos() -> list[dict[str, Any]]:
+        return [await s.ainfo() for s in await registry.list_streams()]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # uvicorn has set its logging up by now; from here the token never reaches a log
         redactor = SecretRedactor(lambda: the_relay.settings.token)
         redactor.install()
+        await registry.start()
         sampler = asyncio.ensure_future(rates.run(all_infos))
         sweeper = asyncio.create_task(expiry.run(lambda: the_relay.closed))
         try:
@@ -184,6 +185,7 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
             sweeper.cancel()
             await asyncio.gather(sampler, sweeper, return_exceptions=True)
             await asyncio.to_thread(the_relay.close)  # joins producer threads: not on the loop
+            await registry.aclose()
 
     app = FastAPI(
         title="ndrelay",
@@ -255,7 +257,7 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
     )
     async def metrics() -> Response:
         """Prometheus text format."""
-        return metrics_response(registry)
+        return await metrics_response(registry)
 
     @app.get("/streams", dependencies=auth, tags=["streams"], responses=list_responses)
     async def list_streams(response: Response) -> list[dict[str, Any]]:
@@ -266,8 +268,8 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
         if budget is not None:
             response.headers["ndrelay-memory-bytes"] = str(budget.used)
             response.headers["ndrelay-memory-limit"] = str(budget.limit)
-        streams = list(registry.streams())
-        infos = [s.info() for s in streams]
+        streams = list(await registry.list_streams())
+        infos = [await s.ainfo() for s in streams]
         rates.sample(infos)
         return [expiring(s, rates.annotate(i)) for s, i in zip(streams, infos, strict=True)]
 
@@ -290,14 +292,15 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
                 f"max_bytes {args['max_bytes']} is over the relay's memory bound of {limit} "
                 "bytes (--max-memory)"
             )
-        stream, created = registry.create(check_name(name), StreamSpec(**args))
-        return JSONResponse(expiring(stream, stream.info()), status_code=201 if created else 200)
+        stream, created = await registry.create_stream(check_name(name), StreamSpec(**args))
+        info = await stream.ainfo()
+        return JSONResponse(expiring(stream, info), status_code=201 if created else 200)
 
     @app.get("/streams/{name}/info", dependencies=auth, tags=["streams"], responses=info_responses)
     async def stream_info(stream: StreamDep) -> dict[str, Any]:
         """Definition, state (`open`/`ended`/`failed`), counters, recent rates and expiry of
         one stream."""
-        info = stream.info()
+        info = await stream.ainfo()
         rates.sample([info], complete=False)
         return expiring(stream, rates.annotate(info))
 
@@ -311,7 +314,7 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
     )
     async def delete_stream(name: NameParam) -> Response:
         """Delete a stream; its consumers get a `relay` error frame."""
-        registry.delete(name)
+        await registry.delete_stream(name)
         return Response(status_code=204)
 
     @app.get(
@@ -325,7 +328,7 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
         stream: StreamDep, format: Literal["msgpack", "ndjson"] = "msgpack"
     ) -> Response:
         """The newest buffered item as one frame, without consuming it; 204 if none."""
-        newest = stream.latest()  # type: ignore[attr-defined]
+        newest = await stream.alatest()
         if newest is None:
             return Response(status_code=204)
         frame = DataFrame(newest[0], newest[1])
@@ -381,20 +384,21 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
         fmt = format or _format_from_accept(request.headers.get("accept", ""))
         seen = _last_event_id(last_event_id) if fmt == "sse" else None
         try:
-            stream = registry.get(name)
+            stream = await registry.get_stream(name)
         except StreamNotFound:
             if seen is not None:
                 return Response(status_code=204)  # deleted since the browser's last event
             raise
         if seen is not None:
-            if stream.finished and seen >= stream.info()["produced"]:
+            info = await stream.ainfo()
+            if info["state"] != "open" and seen >= info["produced"]:
                 return Response(status_code=204)  # the browser has had the terminal frame
             if after is None:
                 after = seen
             if consumer is not None and stream.spec.mode == "queue":
                 with contextlib.suppress(AckConflict, ConsumerNotFound):
                     await stream.ack(consumer, seen)  # the browser's own receipt
-        handle = stream.open_consumer(
+        handle = await stream.aopen_consumer(
             policy if policy in POLICIES else "block",
             consumer=consumer,
             after=after,
@@ -452,14 +456,15 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
         `expected_seq`. The answer adds `expected_seq`; an empty body just asks for it.
         """
         try:
-            stream, created = registry.get(check_name(name)), False
+            stream, created = await registry.get_stream(check_name(name)), False
         except StreamNotFound:
             try:
-                stream, created = registry.create(name, StreamSpec())
+                stream, created = await registry.create_stream(name, StreamSpec())
             except StreamConflict:  # created meanwhile, by another request
-                stream, created = registry.get(name), False
-        if stream.finished:
-            exc = StreamClosed.finished(name, stream.info()["state"])
+                stream, created = await registry.get_stream(name), False
+        state = (await stream.ainfo())["state"]
+        if state != "open":
+            exc = StreamClosed.finished(name, state)
             if producer is None:
                 raise exc
             body = error_body(type(exc).__name__, str(exc), stream_name=name)
@@ -467,14 +472,14 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
             body["expected_seq"] = await stream.producer_position(producer)
             return JSONResponse(body, status_code=409)
 
-        def forget_if_unused(accepted: int) -> None:
+        async def forget_if_unused(accepted: int) -> None:
             # A stream this upload created stays only if something came of it: a refused
             # or empty upload must not take a stream slot.
-            state = stream.info()
+            state = await stream.ainfo()
             if created and not accepted and not state["produced"] and state["state"] == "open":
                 if not state["producers"] and not state["consumers"]:
                     try:
-                        registry.delete(name, "upload accepted nothing")
+                        await registry.delete_stream(name, "upload accepted nothing")
                     except StreamNotFound:
                         pass
 

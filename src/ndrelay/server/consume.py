@@ -11,7 +11,7 @@ from starlette.types import Receive, Scope, Send
 
 from .._codec import encode_batch, encode_data_parts, encode_frame, encode_items
 from .._frames import DataFrame, Frame, HeartbeatFrame
-from ..registry import Block, Consumer, Stream
+from ..registry import Block, Consumer, ReplicaLeaving, Stream
 from .formats import FORMATS, ndjson_line, sse_event
 from .protocol import EXTENSION
 from .relay import Settings
@@ -126,6 +126,7 @@ class FrameStreamResponse(Response):
         # `VectoredHttpProtocol` (how `ndrelay serve` runs uvicorn) writes the body
         # from the arrays' memory; under another server, uvicorn's `send` does.
         self._vectored = scope.get("extensions", {}).get(EXTENSION)
+        self._over = False
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             pump = asyncio.ensure_future(self._pump(send))
@@ -133,13 +134,19 @@ class FrameStreamResponse(Response):
             try:
                 await asyncio.wait([pump, watch], return_when=asyncio.FIRST_COMPLETED)
             finally:
+                self._over = True  # the pump stops at its next round, cancelled or not
                 for task in (pump, watch):
                     task.cancel()
+                # a cancellation swallowed by a timeout expiring at the same moment
+                # (Python 3.11) must not leave the pump running: cancel it again
+                while not pump.done():
+                    await asyncio.wait([pump], timeout=1.0)
+                    pump.cancel()
                 await asyncio.gather(pump, watch, return_exceptions=True)
             if pump.done() and not pump.cancelled() and pump.exception() is not None:
                 raise pump.exception()  # type: ignore[misc]
         finally:
-            self.consumer.close()
+            await self.consumer.aclose()
 
     async def _pump(self, send: Send) -> None:
         consumer = self.consumer
@@ -150,15 +157,25 @@ class FrameStreamResponse(Response):
         batch = self.batch
         take = max(4 * batch, 256) if self.fmt == "msgpack" else batch
         auto_ack = consumer.auto_ack and self.stream.spec.mode == "queue"
-        while True:
-            got = consumer.take(take, _TAKE_BYTES)
+        clock = asyncio.get_running_loop().time
+        quiet_since = clock()  # a heartbeat goes out after `heartbeat` s without a frame
+        while not self._over:
+            try:
+                got = await consumer.atake(take, _TAKE_BYTES)
+            except ReplicaLeaving:
+                return  # cut, so that the client resumes on another replica
             if got is None:
+                left = heartbeat - (clock() - quiet_since)
                 try:
-                    async with asyncio.timeout(heartbeat):
+                    if left <= 0:
+                        raise TimeoutError
+                    async with asyncio.timeout(left):
                         await consumer.wait()
                 except TimeoutError:
                     await self._send_frames(send, [HeartbeatFrame()])
+                    quiet_since = clock()
                 continue
+            quiet_since = clock()
             if isinstance(got, Frame):
                 await self._send_frames(send, [got], last=True)
                 return

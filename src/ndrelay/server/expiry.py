@@ -53,11 +53,11 @@ class Expiry:
         return min(10.0, max(0.05, self.ttl / 10))
 
     def expires_in(
-        self, stream: Stream, now: float | None = None, info: dict[str, Any] | None = None
+        self, stream: Stream, info: dict[str, Any], now: float | None = None
     ) -> float | None:
         """Seconds until `stream` expires if nothing happens, or None (in use, or no TTL);
-        `info`: its `info()`, if at hand."""
-        if self.ttl <= 0 or not _expirable(info if info is not None else stream.info()):
+        `info`: its `ainfo()`."""
+        if self.ttl <= 0 or not _expirable(info):
             return None
         since = self._since.get(_key(stream))
         if since is None:
@@ -65,15 +65,15 @@ class Expiry:
         now = time.monotonic() if now is None else now
         return max(0.0, self.ttl - (now - since))
 
-    def sweep(self, now: float | None = None) -> list[str]:
+    async def sweep(self, now: float | None = None) -> list[str]:
         """Remove the streams expirable for the TTL or longer; returns their names."""
         if self.ttl <= 0:
             return []
         now = time.monotonic() if now is None else now
         removed: list[str] = []
         seen: dict[tuple[str, Any], float] = {}
-        for stream in self.registry.streams():
-            if not _expirable(stream.info()):
+        for stream in await self.registry.list_streams():
+            if not _expirable(await stream.ainfo()):
                 continue
             key = _key(stream)
             since = self._since.get(key, now)
@@ -81,7 +81,7 @@ class Expiry:
                 seen[key] = since
                 continue
             try:
-                self.registry.delete(stream.name, "stream expired")
+                await self.registry.delete_stream(stream.name, "stream expired")
                 removed.append(stream.name)
             except StreamNotFound:
                 pass
@@ -101,4 +101,4 @@ class Expiry:
             await asyncio.sleep(self.interval)
             if closed():
                 break
-            self.sweep()
+            await self.sweep()

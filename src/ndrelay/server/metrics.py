@@ -4,6 +4,7 @@ file descriptors), in the Prometheus text format."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from fastapi.responses import Response
 from prometheus_client import (
@@ -37,11 +38,12 @@ _BYTES = {"in": "produced_bytes", "out": "consumed_bytes"}
 
 
 class _StreamCollector:
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, infos: list[dict[str, Any]]) -> None:
         self.registry = registry
+        self.infos = infos
 
     def collect(self) -> Iterator[Metric]:
-        infos = [s.info() for s in self.registry.streams()]
+        infos = self.infos
         yield _family(GaugeMetricFamily, "ndrelay_streams", "Streams in the registry", [len(infos)])
         budget = self.registry.budget
         if budget is not None:
@@ -99,10 +101,11 @@ def _family(cls: type, name: str, doc: str, values: list[float]) -> Metric:
     return family  # type: ignore[no-any-return]
 
 
-def metrics_response(registry: Registry) -> Response:
+async def metrics_response(registry: Registry) -> Response:
     """The current metrics of `registry`'s streams."""
+    infos = [await s.ainfo() for s in await registry.list_streams()]
     collectors = CollectorRegistry(auto_describe=False)
-    collectors.register(_StreamCollector(registry))
+    collectors.register(_StreamCollector(registry, infos))
     # process_resident_memory_bytes, process_cpu_seconds_total, process_open_fds, ...
     # (read from /proc; absent where there is none), and python_info
     ProcessCollector(registry=collectors)

@@ -78,5 +78,5 @@ class RateMeter:
     async def run(self, infos: Any) -> None:
         """Sample `infos()` every `interval` seconds, until cancelled."""
         while True:
-            self.sample(infos())
+            self.sample(await infos())
             await asyncio.sleep(self.interval)

@@ -111,6 +111,8 @@ class Settings:
             400. Empty: any (see the security notes on DNS rebinding).
         sse_retry: seconds a browser's EventSource waits before it reconnects, sent as
             `retry:` at the start of every SSE response.
+        backend: where streams live: `memory` (this process), or `redis://host:port/db`
+            (a Redis shared by every replica; the `redis` extra).
     """
 
     token: str | None = None
@@ -130,6 +132,7 @@ class Settings:
     stream_ttl: float = 3600.0
     allowed_hosts: list[str] = field(default_factory=list)
     sse_retry: float = 3.0
+    backend: str = "memory"
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -150,6 +153,7 @@ class Settings:
             stream_ttl=_env_float("NDRELAY_STREAM_TTL", 3600.0),
             allowed_hosts=_env_list("NDRELAY_ALLOWED_HOSTS"),
             sse_retry=_env_float("NDRELAY_SSE_RETRY", 3.0),
+            backend=os.environ.get("NDRELAY_BACKEND") or "memory",
         )
 
 
@@ -169,13 +173,9 @@ class Relay:
 
     def __init__(self, registry: Registry | None = None, settings: Settings | None = None) -> None:
         self.settings = settings if settings is not None else Settings.from_env()
-        self.registry: Registry = (
-            registry
-            if registry is not None
-            else MemoryRegistry(
-                self.settings.max_streams, self.settings.max_memory, lease=self.settings.lease
-            )
-        )
+        self.registry: Registry = registry if registry is not None else open_backend(self.settings)
+        #: names of the streams `publish` serves, in the order published
+        self.published: list[str] = []
         self._threads: list[threading.Thread] = []
         self._closed = False
 
@@ -209,13 +209,15 @@ class Relay:
         spec_args: dict[str, Any] = {"size": size, "mode": mode, "dtype": dtype, "shape": shape}
         if max_bytes is not None:
             spec_args["max_bytes"] = max_bytes
-        stream, _ = self.registry.create(name, StreamSpec(**spec_args))
+        stream = self.registry.create_blocking(name, StreamSpec(**spec_args))
         thread = threading.Thread(
             target=_produce,
             args=(stream, iterator, batched),
             name=f"ndrelay-publish-{name}",
             daemon=True,
         )
+        if name not in self.published:
+            self.published.append(name)
         self._threads = [t for t in self._threads if t.is_alive()]
         self._threads.append(thread)
         thread.start()
@@ -237,6 +239,32 @@ class Relay:
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def open_backend(settings: Settings) -> Registry:
+    """The registry `settings.backend` names: `memory`, or `redis://host:port/db`.
+
+    Raises:
+        ValueError: an unknown backend.
+        ImportError: the Redis backend without the `redis` extra installed.
+    """
+    backend = settings.backend.strip()
+    if backend in ("", "memory"):
+        return MemoryRegistry(settings.max_streams, settings.max_memory, lease=settings.lease)
+    if backend.startswith(("redis://", "rediss://", "unix://")):
+        try:
+            from ..registry.redis import RedisRegistry
+        except ImportError as exc:
+            raise ImportError(
+                f"the Redis backend needs the 'redis' extra (pip install 'ndrelay[redis]'): {exc}"
+            ) from None
+        return RedisRegistry(
+            backend,
+            max_streams=settings.max_streams,
+            max_memory=settings.max_memory,
+            lease=settings.lease,
+        )
+    raise ValueError(f"backend must be 'memory' or redis://host:port/db, got {backend!r}")
 
 
 def _produce(stream: Stream, iterator: Iterable[Any], batched: bool) -> None:
@@ -264,6 +292,6 @@ def _produce(stream: Stream, iterator: Iterable[Any], batched: bool) -> None:
 
 def _finish(stream: Stream, frame: EndFrame | ErrorFrame) -> None:
     try:
-        stream.finish(frame)
+        stream.finish_blocking(frame)
     except StreamClosed:
         pass  # deleted or shut down meanwhile

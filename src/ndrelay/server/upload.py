@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import numpy as np
@@ -46,7 +46,7 @@ class UploadResponse(Response):
         stream: Stream,
         settings: Settings,
         producer: str | None = None,
-        on_done: Callable[[int], None] | None = None,
+        on_done: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
         self.stream = stream
         self.settings = settings
@@ -67,18 +67,18 @@ class UploadResponse(Response):
         try:
             if self.producer is not None:
                 self._claim, _ = await self.stream.claim_producer(self.producer)
-            with self.stream.producing():
+            async with self.stream.aproducing():
                 await self._upload(scope, receive, send)
         finally:
             if self._on_done is not None:
-                self._on_done(self._accepted)
+                await self._on_done(self._accepted)
 
-    def _offer(self, items: list[Any]) -> tuple[list[Any], Any]:
+    async def _offer(self, items: list[Any]) -> tuple[list[Any], Any]:
         if self.producer is None:
-            return self.stream.offer(items)
+            return await self.stream.aoffer(items)
         before = len(items)
         try:
-            rest, room, dups = self.stream.offer_seq(self.producer, self._claim, items)
+            rest, room, dups = await self.stream.aoffer_seq(self.producer, self._claim, items)
         except SeqGap as exc:
             index = self._index[before - len(items) + exc.index]  # type: ignore[attr-defined]
             raise _Refused(409, str(exc), index, exc.expected_seq) from None
@@ -97,7 +97,7 @@ class UploadResponse(Response):
         At most one body message is read ahead (kept for the upload loop), so a
         waiting upload holds no more than that in memory.
         """
-        rest, room = self._offer(items)
+        rest, room = await self._offer(items)
         while room is not None:
             try:
                 if self._stash is None:
@@ -113,7 +113,7 @@ class UploadResponse(Response):
                     await room
             finally:
                 self.stream.forget(room)
-            rest, room = self._offer(rest)
+            rest, room = await self._offer(rest)
 
     async def _receive(self, receive: Receive) -> Any:
         message, self._stash = self._stash, None
@@ -175,7 +175,7 @@ class UploadResponse(Response):
                     elif isinstance(frame, EndFrame | ErrorFrame):
                         await self._put(pending, receive)
                         pending = []
-                        stream.finish(frame)
+                        await stream.afinish(frame)
                         finished = True
                     else:
                         continue  # heartbeat
@@ -223,7 +223,7 @@ class UploadResponse(Response):
         body: dict[str, Any] = {
             "accepted": accepted,
             "items": items - self._duplicates,
-            "next_seq": stream.info()["produced"],
+            "next_seq": (await stream.ainfo())["produced"],
             "duplicates": self._duplicates,
         }
         if self.producer is not None:
@@ -251,7 +251,7 @@ class UploadResponse(Response):
             key=key,
             reason=reason,
             accepted=accepted,
-            next_seq=self.stream.info()["produced"],
+            next_seq=(await self.stream.ainfo())["produced"],
             duplicates=self._duplicates,
         )
         if self.producer is not None:

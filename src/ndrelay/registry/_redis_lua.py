@@ -1,0 +1,427 @@
+"""The Lua scripts of the Redis backend: each one step that must be atomic (DESIGN.md,
+"Redis backend"). Every script takes one key, the stream's base key `B`
+(`ndrelay:s:{name}:<incarnation>`), and derives the others from it:
+
+- `B:m`  hash: `spec` (JSON), `next` (next seq), `held` (items stored, pending included),
+  `pending`, `bytes`, `first` (oldest retained seq), `delivered` (queue: next seq never
+  delivered), `ord` (delivery counter), `term` (terminal frame, JSON), `aborted`, counters
+- `B:x`  the Redis stream: entry id `<seq>-1`, fields `h` (item header), `d` (payload)
+- `B:sz` hash seq -> payload bytes of every stored entry
+- `B:ret` zset of seqs given back (released, lease ran out), score = seq
+- `B:cs` set of queue consumer ids with pending items or a connection
+- `B:p:<id>` zset: the seqs pending for consumer `id`, score = delivery order
+- `B:a:<id>` zset: seqs `id` acknowledged lately (a repeated ack is not a conflict)
+- `B:c:<id>` string: the token of `id`'s connection (TTL: lease + 3 s, refreshed every
+  second while it lives), `gone` while its lease runs, absent once it ran out
+- `B:f:<id>` string: the token of fanout consumer `id`'s connection
+- `B:fb` zset token -> next seq of each fanout `block` consumer; `B:fbt` token -> deadline
+- `B:prod` hash producer -> next producer seq expected; `B:claim` producer -> newest claim
+
+Notifications go to the channel `ndrelay:n:<name>` as `<incarnation>:<what>`: `d` (data or
+a terminal frame), `s` (space), `x` (deleted, or a connection superseded).
+"""
+
+from __future__ import annotations
+
+__all__ = ["ACK", "CLOSE", "CREATE", "DELETE", "FINISH", "OFFER", "OPEN", "REFRESH", "TAKE"]
+
+# KEYS[1]: a connection key; ARGV: token, ttl_ms. Keeps it alive if it is still ours.
+REFRESH = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+# ARGV: name, spec, inc, max_streams, now, streams-key, base
+CREATE = """
+local streams = ARGV[6]
+local cur = redis.call('HGET', streams, ARGV[1])
+if cur then return {'exists', cur} end
+if redis.call('HLEN', streams) >= tonumber(ARGV[4]) then return {'toomany', ''} end
+local B = KEYS[1]
+redis.call('HSET', streams, ARGV[1], ARGV[3])
+redis.call('HSET', B .. ':m', 'spec', ARGV[2], 'next', 0, 'held', 0, 'pending', 0,
+  'bytes', 0, 'first', 0, 'delivered', 0, 'ord', 0, 'created', ARGV[5],
+  'produced_bytes', 0, 'consumed', 0, 'consumed_bytes', 0, 'acked', 0,
+  'redelivered', 0, 'dropped', 0, 'expired', 0, 'producers', 0, 'consumers', 0)
+redis.call('XGROUP', 'CREATE', B .. ':x', 'g', '0', 'MKSTREAM')
+return {'created', ARGV[3]}
+"""
+
+# ARGV: name, inc, reason, streams-key, channel. Returns 1 if deleted.
+DELETE = """
+local B = KEYS[1]
+local streams = ARGV[4]
+if redis.call('HGET', streams, ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HDEL', streams, ARGV[1])
+local m = B .. ':m'
+local term = redis.call('HGET', m, 'term')
+local nxt = redis.call('HGET', m, 'next') or '0'
+if not (term and cjson.decode(term)['kind'] == 'error') then
+  term = cjson.encode({kind='error', seq=tonumber(nxt), origin='relay',
+    type='StreamClosed', message=ARGV[3], traceback=''})
+end
+redis.call('HSET', m, 'aborted', 1, 'term', term, 'reason', ARGV[3], 'held', 0,
+  'pending', 0, 'bytes', 0)
+for _, id in ipairs(redis.call('SMEMBERS', B .. ':cs')) do
+  redis.call('DEL', B .. ':p:' .. id, B .. ':a:' .. id)
+end
+redis.call('DEL', B .. ':x', B .. ':sz', B .. ':ret', B .. ':cs', B .. ':fb', B .. ':fbt',
+  B .. ':prod', B .. ':claim')
+redis.call('PEXPIRE', m, 300000)
+redis.call('PUBLISH', ARGV[5], ARGV[2] .. ':x')
+return 1
+"""
+
+# Prune fanout block consumers whose replica stopped refreshing them; the lowest cursor.
+_FLOOR = """
+local function block_floor(B, now)
+  local stale = redis.call('ZRANGEBYSCORE', B .. ':fbt', '-inf', now)
+  for _, t in ipairs(stale) do
+    redis.call('ZREM', B .. ':fbt', t)
+    redis.call('ZREM', B .. ':fb', t)
+  end
+  local low = redis.call('ZRANGE', B .. ':fb', 0, 0, 'WITHSCORES')
+  if #low == 0 then return nil end
+  return tonumber(low[2])
+end
+"""
+
+# ARGV: channel, inc, now, producer ('' = none), claim, mode ('q'/'f'), size, max_bytes,
+#       n, then n times: pseq, nbytes, header, payload
+# Returns {placed, status, expected, dups, index}; status ok|full|closed|claim|gap
+OFFER = (
+    _FLOOR
+    + """
+local B = KEYS[1]
+local m = B .. ':m'
+local st = redis.call('HMGET', m, 'aborted', 'term', 'next', 'held', 'bytes', 'first',
+  'produced_bytes')
+if st[3] == false then return {0, 'closed', 0, 0, 0} end
+if st[1] == '1' or st[2] then return {0, 'closed', 0, 0, 0} end
+local producer = ARGV[4]
+local expected = 0
+if producer ~= '' then
+  if redis.call('HGET', B .. ':claim', producer) ~= ARGV[5] then
+    return {0, 'claim', 0, 0, 0}
+  end
+  expected = tonumber(redis.call('HGET', B .. ':prod', producer) or '0')
+end
+local nxt, held, bytes = tonumber(st[3]), tonumber(st[4]), tonumber(st[5])
+local first, produced = tonumber(st[6]), tonumber(st[7])
+local queue = ARGV[6] == 'q'
+local size, maxb = tonumber(ARGV[7]), tonumber(ARGV[8])
+local n = tonumber(ARGV[9])
+local placed, dups, status, index = 0, 0, 'ok', 0
+local floor_known, floor = false, nil
+for i = 0, n - 1 do
+  local base = 10 + i * 4
+  local pseq = tonumber(ARGV[base])
+  local nb = tonumber(ARGV[base + 1])
+  local skip = false
+  if producer ~= '' then
+    if pseq < 0 then pseq = expected end
+    if pseq < expected then
+      dups = dups + 1
+      skip = true
+    elseif pseq > expected then
+      status, index = 'gap', i
+      break
+    end
+  end
+  if not skip then
+    local fits = held == 0 or (held + 1 <= size and bytes + nb <= maxb)
+    if not fits and not queue then
+      if not floor_known then
+        floor = block_floor(B, ARGV[3])
+        floor_known = true
+      end
+      while held > 0 and (held + 1 > size or bytes + nb > maxb) do
+        if floor and first >= floor then break end
+        local old = redis.call('HGET', B .. ':sz', first)
+        redis.call('XDEL', B .. ':x', first .. '-1')
+        redis.call('HDEL', B .. ':sz', first)
+        bytes = bytes - tonumber(old or '0')
+        held = held - 1
+        first = first + 1
+      end
+      fits = held == 0 or (held + 1 <= size and bytes + nb <= maxb)
+    end
+    if not fits then
+      status, index = 'full', i
+      break
+    end
+    redis.call('XADD', B .. ':x', nxt .. '-1', 'h', ARGV[base + 2], 'd', ARGV[base + 3])
+    redis.call('HSET', B .. ':sz', nxt, nb)
+    nxt = nxt + 1
+    held = held + 1
+    bytes = bytes + nb
+    produced = produced + nb
+    placed = placed + 1
+    if producer ~= '' then expected = expected + 1 end
+  end
+end
+redis.call('HSET', m, 'next', nxt, 'held', held, 'bytes', bytes, 'first', first,
+  'produced_bytes', produced)
+if producer ~= '' then redis.call('HSET', B .. ':prod', producer, expected) end
+if placed > 0 then redis.call('PUBLISH', ARGV[1], ARGV[2] .. ':d') end
+return {placed, status, expected, dups, index}
+"""
+)
+
+# ARGV: term-json-without-seq (a JSON object), channel, inc. Returns {status, term}.
+FINISH = """
+local m = KEYS[1] .. ':m'
+local st = redis.call('HMGET', m, 'aborted', 'term', 'next')
+if st[3] == false or st[1] == '1' then return {'aborted', st[2] or ''} end
+if st[2] then return {'finished', st[2]} end
+local frame = cjson.decode(ARGV[1])
+frame['seq'] = tonumber(st[3])
+local term = cjson.encode(frame)
+redis.call('HSET', m, 'term', term)
+redis.call('PUBLISH', ARGV[2], ARGV[3] .. ':d')
+redis.call('PUBLISH', ARGV[2], ARGV[3] .. ':s')
+return {'ok', term}
+"""
+
+# Queue consumers. ARGV: consumer, token, ttl_ms, channel, inc.
+# Returns {status, pending seqs in delivery order...}
+OPEN = """
+-- HINCRBY, but never of 0 (Lua writes -0 as "-0", which HINCRBY refuses)
+local function incr(key, field, n)
+  if n ~= 0 then redis.call('HINCRBY', key, field, n) end
+end
+
+local B = KEYS[1]
+local m = B .. ':m'
+local st = redis.call('HMGET', m, 'aborted', 'next')
+if st[2] == false or st[1] == '1' then return {'closed'} end
+local ckey = B .. ':c:' .. ARGV[1]
+local old = redis.call('GET', ckey)
+redis.call('SET', ckey, ARGV[2], 'PX', ARGV[3])
+redis.call('SADD', B .. ':cs', ARGV[1])
+incr(m, 'consumers', 1)
+if old and old ~= 'gone' then redis.call('PUBLISH', ARGV[4], ARGV[5] .. ':x') end
+local out = {'ok'}
+for _, s in ipairs(redis.call('ZRANGE', B .. ':p:' .. ARGV[1], 0, -1)) do
+  out[#out + 1] = s
+end
+return out
+"""
+
+# ARGV: consumer ('' for fanout), token, lease_ms, channel, inc, fanout ('1'/'0')
+CLOSE = """
+-- HINCRBY, but never of 0 (Lua writes -0 as "-0", which HINCRBY refuses)
+local function incr(key, field, n)
+  if n ~= 0 then redis.call('HINCRBY', key, field, n) end
+end
+
+local B = KEYS[1]
+local m = B .. ':m'
+if redis.call('EXISTS', m) == 1 then incr(m, 'consumers', -1) end
+if ARGV[6] == '1' then
+  redis.call('ZREM', B .. ':fb', ARGV[2])
+  redis.call('ZREM', B .. ':fbt', ARGV[2])
+  local fkey = B .. ':f:' .. ARGV[1]
+  if redis.call('GET', fkey) == ARGV[2] then redis.call('DEL', fkey) end
+  redis.call('PUBLISH', ARGV[4], ARGV[5] .. ':s')
+  return 1
+end
+local ckey = B .. ':c:' .. ARGV[1]
+if redis.call('GET', ckey) ~= ARGV[2] then return 0 end
+if redis.call('ZCARD', B .. ':p:' .. ARGV[1]) > 0 and tonumber(ARGV[3]) > 0 then
+  redis.call('SET', ckey, 'gone', 'PX', ARGV[3])
+else
+  redis.call('DEL', ckey)
+end
+redis.call('PUBLISH', ARGV[4], ARGV[5] .. ':d')
+return 1
+"""
+
+# Return the pending items of consumers whose connection key is gone (lease over, or
+# their replica died and stopped refreshing it). Needs B, m, group.
+_REAP = """
+-- HINCRBY, but never of 0 (Lua writes -0 as "-0", which HINCRBY refuses)
+local function incr(key, field, n)
+  if n ~= 0 then redis.call('HINCRBY', key, field, n) end
+end
+
+local function reap(B, m, except)
+  local back = 0
+  for _, id in ipairs(redis.call('SMEMBERS', B .. ':cs')) do
+    if id ~= except and redis.call('EXISTS', B .. ':c:' .. id) == 0 then
+      local pkey = B .. ':p:' .. id
+      local seqs = redis.call('ZRANGE', pkey, 0, -1)
+      for _, s in ipairs(seqs) do redis.call('ZADD', B .. ':ret', s, s) end
+      back = back + #seqs
+      redis.call('DEL', pkey, B .. ':a:' .. id)
+      redis.call('SREM', B .. ':cs', id)
+      redis.call('XGROUP', 'DELCONSUMER', B .. ':x', 'g', id)
+    end
+  end
+  if back > 0 then
+    incr(m, 'expired', back)
+    incr(m, 'pending', -back)
+  end
+  return back
+end
+
+-- put entries into `consumer`'s pending entries list without reading them (no copy)
+local function claim(x, consumer, ids)
+  local last = ids[#ids]
+  ids[#ids + 1] = 'FORCE'
+  ids[#ids + 1] = 'JUSTID'
+  ids[#ids + 1] = 'LASTID'
+  ids[#ids + 1] = last
+  redis.call('XCLAIM', x, 'g', consumer, 0, unpack(ids))
+end
+
+local function leased(B, except)
+  for _, id in ipairs(redis.call('SMEMBERS', B .. ':cs')) do
+    if id ~= except and redis.call('GET', B .. ':c:' .. id) == 'gone'
+        and redis.call('ZCARD', B .. ':p:' .. id) > 0 then
+      return true
+    end
+  end
+  return false
+end
+"""
+
+# Queue take. ARGV: consumer, token, max_items, max_bytes, channel, inc
+# Returns {'items', nret, seqs...} | {'none'} | {'term', json} | {'closed', json}
+#         | {'superseded'}
+TAKE = (
+    _REAP
+    + """
+local B = KEYS[1]
+local m = B .. ':m'
+local consumer = ARGV[1]
+local st = redis.call('HMGET', m, 'aborted', 'term', 'next', 'delivered', 'ord')
+if st[3] == false then return {'closed', ''} end
+if st[1] == '1' then return {'closed', st[2] or ''} end
+if redis.call('GET', B .. ':c:' .. consumer) ~= ARGV[2] then return {'superseded'} end
+local back = reap(B, m, consumer)
+local maxi, maxb = tonumber(ARGV[3]), tonumber(ARGV[4])
+local pkey = B .. ':p:' .. consumer
+local ord = tonumber(st[5])
+local count, taken = 0, 0
+local out = {'items', 0}
+local x = B .. ':x'
+while count < maxi and taken < maxb do
+  local r = redis.call('ZRANGE', B .. ':ret', 0, 0)
+  if #r == 0 then break end
+  local s = r[1]
+  redis.call('ZREM', B .. ':ret', s)
+  redis.call('XCLAIM', x, 'g', consumer, 0, s .. '-1', 'FORCE', 'JUSTID')
+  redis.call('ZADD', pkey, ord, s)
+  ord = ord + 1
+  count = count + 1
+  taken = taken + tonumber(redis.call('HGET', B .. ':sz', s) or '0')
+  out[#out + 1] = s
+end
+local nret = count
+local d, nxt = tonumber(st[4]), tonumber(st[3])
+local fresh_bytes = 0
+local ids = {}
+while count < maxi and taken < maxb and d < nxt do
+  local nb = tonumber(redis.call('HGET', B .. ':sz', d) or '0')
+  redis.call('ZADD', pkey, ord, d)
+  ids[#ids + 1] = d .. '-1'
+  out[#out + 1] = d
+  ord = ord + 1
+  count = count + 1
+  taken = taken + nb
+  fresh_bytes = fresh_bytes + nb
+  d = d + 1
+  if #ids >= 1000 then
+    claim(x, consumer, ids)
+    ids = {}
+  end
+end
+if #ids > 0 then claim(x, consumer, ids) end
+if count == 0 then
+  if st[2] and not leased(B, consumer) then return {'term', st[2]} end
+  if back > 0 then redis.call('PUBLISH', ARGV[5], ARGV[6] .. ':d') end
+  return {'none'}
+end
+local fresh = count - nret
+redis.call('HSET', m, 'delivered', d, 'ord', ord)
+incr(m, 'pending', count)
+incr(m, 'consumed', fresh)
+incr(m, 'consumed_bytes', taken)
+if nret > 0 then incr(m, 'redelivered', nret) end
+redis.call('SADD', B .. ':cs', consumer)
+out[2] = nret
+return out
+"""
+)
+
+# ARGV: consumer, upto (-1: none), release ('1'/'0'), channel, inc
+# Returns {status, acked, released, pending}; status ok|notfound|conflict|closed
+ACK = (
+    _REAP
+    + """
+local B = KEYS[1]
+local m = B .. ':m'
+local consumer = ARGV[1]
+local st = redis.call('HMGET', m, 'aborted', 'term', 'next')
+if st[3] == false or st[1] == '1' then return {'closed', 0, 0, 0} end
+reap(B, m, consumer)
+local ckey = B .. ':c:' .. consumer
+local pkey = B .. ':p:' .. consumer
+local akey = B .. ':a:' .. consumer
+local conn = redis.call('GET', ckey)
+local npend = redis.call('ZCARD', pkey)
+if not ((conn and conn ~= 'gone') or npend > 0) then return {'notfound', 0, 0, 0} end
+local upto = tonumber(ARGV[2])
+local acked, released = 0, 0
+if upto >= 0 then
+  local score = redis.call('ZSCORE', pkey, upto)
+  if not score then
+    if not redis.call('ZSCORE', akey, upto) then return {'conflict', 0, 0, npend} end
+  else
+    local seqs = redis.call('ZRANGEBYSCORE', pkey, '-inf', score)
+    local freed = 0
+    for _, s in ipairs(seqs) do
+      local id = s .. '-1'
+      redis.call('XACK', B .. ':x', 'g', id)
+      redis.call('XDEL', B .. ':x', id)
+      freed = freed + tonumber(redis.call('HGET', B .. ':sz', s) or '0')
+      redis.call('HDEL', B .. ':sz', s)
+      redis.call('ZADD', akey, s, s)
+    end
+    acked = #seqs
+    redis.call('ZREMRANGEBYSCORE', pkey, '-inf', score)
+    redis.call('ZREMRANGEBYRANK', akey, 0, -4097)
+    incr(m, 'held', -acked)
+    incr(m, 'pending', -acked)
+    incr(m, 'bytes', -freed)
+    incr(m, 'acked', acked)
+    redis.call('PUBLISH', ARGV[4], ARGV[5] .. ':s')
+  end
+end
+if ARGV[3] == '1' then
+  local rest = redis.call('ZRANGE', pkey, 0, -1)
+  for _, s in ipairs(rest) do redis.call('ZADD', B .. ':ret', s, s) end
+  released = #rest
+  redis.call('DEL', pkey)
+  incr(m, 'pending', -released)
+  if conn then
+    redis.call('DEL', ckey)
+    redis.call('PUBLISH', ARGV[4], ARGV[5] .. ':x')
+  end
+  redis.call('SREM', B .. ':cs', consumer)
+  redis.call('XGROUP', 'DELCONSUMER', B .. ':x', 'g', consumer)
+end
+local left = redis.call('ZCARD', pkey)
+if left == 0 and conn == 'gone' then
+  redis.call('DEL', ckey)
+  redis.call('SREM', B .. ':cs', consumer)
+end
+if released > 0 or (acked > 0 and st[2]) then
+  redis.call('PUBLISH', ARGV[4], ARGV[5] .. ':d')
+end
+return {'ok', acked, released, left}
+"""
+)

@@ -151,12 +151,12 @@ def test_the_snippet_acknowledges_a_queue_consumers_items(watched, browser):
 
 
 class Nginx:
-    """Debian's nginx in front of `upstream` on a port of its own, as README's proxy
+    """Debian's nginx in front of `upstream` on a port of its own, as docker/nginx.conf (README: "Behind a proxy")
     section configures it; `restart()` stops it (SIGTERM: open connections are cut) and
     starts it again on the same port."""
 
     def __init__(self, root, upstream: int) -> None:
-        from test_nginx import CONF
+        from test_nginx import render
 
         self.binary = need("nginx")
         self.root = root
@@ -166,15 +166,13 @@ class Nginx:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.conf = root / "nginx.conf"
-        self.conf.write_text(
-            CONF.format(root=root, port=self.port, upstream=upstream, body_limit="0")
-        )
+        self.conf.write_text(render(self.port, (upstream,)))
         self.proc = None
         self.start()
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [self.binary, "-p", str(self.root), "-c", str(self.conf), "-g", "daemon off;"],
+            [self.binary, "-p", f"{self.root}/", "-c", str(self.conf), "-g", "daemon off;"],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -151,9 +151,9 @@ def test_the_snippet_acknowledges_a_queue_consumers_items(watched, browser):
 
 
 class Nginx:
-    """Debian's nginx in front of `upstream` on a port of its own, as docker/nginx.conf (README: "Behind a proxy")
-    section configures it; `restart()` stops it (SIGTERM: open connections are cut) and
-    starts it again on the same port."""
+    """Debian's nginx in front of `upstream` on a port of its own, configured by
+    docker/nginx.conf (README: "Behind a proxy"); `restart()` stops it (SIGTERM: open
+    connections are cut) and starts it again on the same port."""
 
     def __init__(self, root, upstream: int) -> None:
         from test_nginx import render

@@ -169,7 +169,8 @@ def test_queue_consumers_split_across_replicas_get_every_item_exactly_once(repli
         assert not any(w.is_alive() for w in workers)
     everything = [i for part in got for i in part]
     assert sorted(everything) == list(range(N))
-    assert all(got), "every consumer got some of the work"
+    # which consumer wins each take is up to timing; that both replicas served is not
+    assert (got[0] or got[2]) and (got[1] or got[3]), "consumers on A and on B got work"
 
 
 def _upload_with_retries(url: str, name: str, n: int, producer: str, errors: list[str]) -> None:

@@ -718,11 +718,7 @@ class RemoteStream(Buffer[Any]):
         # queue mode: a batch of at most what an acknowledgement covers, so that the
         # relay hears of progress while the application works through what it holds
         limit = self._acks.every_units if self._acks is not None else 0
-        units, seqs = queue.take_all(False, limit)
-        if not units:
-            if self._acks is not None:  # about to wait: the relay may wait for acks
-                self._acks.flush(self._reader.items, self._reader.bytes)
-            units, seqs = queue.take_all(True, limit)
+        units, seqs = queue.take_all(True, limit)
         self._adopt(units, seqs)
         return units
 
@@ -1094,8 +1090,6 @@ class AsyncRemoteStream:
                 self._terminal = terminal
                 await asyncio.to_thread(remote.close)  # its last acknowledgement goes out
                 break
-            if remote._acks is not None:  # about to wait: the relay may wait for acks
-                remote._acks.flush(remote._reader.items, remote._reader.bytes)
             await self._ready.wait()
         if isinstance(self._terminal, ExceptionSentinel):
             raise self._terminal.exception

@@ -11,12 +11,12 @@ import asyncio
 
 import numpy as np
 import pytest
-from hypothesis import settings, strategies as st
+from hypothesis import given, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from ndrelay import AckConflict, ConsumerNotFound, EndFrame
 from ndrelay.registry import Block, MemoryRegistry, StreamSpec
-from ndrelay.registry._delivery import SeqRanges
+from ndrelay.registry._delivery import ConsumerRecord, SeqRanges, entry_count
 
 IDS = ["a", "b", "c"]
 
@@ -225,3 +225,56 @@ def test_the_producer_table_forgets_the_ids_not_heard_of_longest() -> None:
     finally:
         registry.close()
     assert (kept, forgotten, size) == (2, 0, MAX_PRODUCERS)
+
+
+class _Walking(ConsumerRecord):
+    """A record that always walks its pending entries (no counting shortcut)."""
+
+    def _ack_run(self, upto: int) -> tuple[int, int] | None:
+        return None
+
+
+@st.composite
+def _deliveries(draw: st.DrawFn) -> tuple[list[tuple[int, int, int]], int]:
+    """Pending entries as (first seq, items, bytes) in delivery order: runs of consecutive
+    single items, blocks, gaps (items another consumer got) and seqs given back (lower
+    ones after higher), and an `upto` that may or may not be pending."""
+    entries = []
+    seqs = draw(st.lists(st.integers(0, 60), min_size=1, max_size=30, unique=True))
+    if draw(st.booleans()):
+        seqs.sort()
+    taken: set[int] = set()
+    for seq in seqs:
+        n = draw(st.integers(1, 3)) if draw(st.integers(0, 4)) == 0 else 1
+        span = range(seq, seq + n)
+        if taken.intersection(span):
+            continue
+        taken.update(span)
+        entries.append((seq, n, draw(st.integers(1, 100)) * n))
+    upto = draw(st.one_of(st.sampled_from(sorted(taken)), st.integers(-1, 70)))
+    return entries, upto
+
+
+@given(_deliveries())
+@settings(max_examples=400, deadline=None)
+def test_acknowledging_counts_what_walking_the_entries_counts(delivery) -> None:
+    """The shortcut for consecutive single items (a consumer alone on its stream) gives
+    what walking every entry gives: items, bytes, what stays pending, and the same
+    answer to a repeated or wrong acknowledgement."""
+    entries, upto = delivery
+    records = ConsumerRecord("a", 5.0), _Walking("a", 5.0)
+    for record in records:
+        for seq, n, nbytes in entries:
+            item = Block(np.zeros((n, 2), np.uint8)) if n > 1 else np.zeros(2, np.uint8)
+            record.deliver((seq, item, nbytes))
+    outcomes = []
+    for record in records:
+        try:
+            first = record.ack(upto)
+            again = record.ack(upto)
+        except AckConflict:
+            outcomes.append("conflict")
+            continue
+        left = [(seq, entry_count((seq, item, b)), b) for seq, item, b in record.pending]
+        outcomes.append((first, again, left, record.pending_items, record.sent))
+    assert outcomes[0] == outcomes[1]

@@ -33,7 +33,7 @@ from .._frames import EndFrame, ErrorFrame, Frame
 from ._base import CONSUMER_PATTERN, POLICIES, StreamSpec, check_name
 from ._block import Block
 from ._budget import MemoryBudget
-from ._delivery import ConsumerRecord, Entry, entry_count
+from ._delivery import ConsumerRecord, Entry, entry_count, split_entry
 from ._schema import SchemaCheck
 
 #: Lease of a departed consumer's pending items when nobody says otherwise (seconds).
@@ -491,8 +491,12 @@ class MemoryStream(SchemaCheck):
                     f"a newer upload of producer {producer!r} took over", stream_name=self.name
                 )
             expected = self._producer_next.get(producer, 0)
+            fits = self._fits
             try:
                 for i, (pseq, item) in enumerate(pairs):
+                    if (pseq == expected or pseq < 0) and fits(item):  # the common case
+                        expected += 1
+                        continue
                     if pseq < 0:
                         pseq = expected  # numbered by the relay
                     n = len(item.array) if type(item) is Block else 1
@@ -845,26 +849,27 @@ class MemoryConsumer:
                 fresh = 0
                 pending = record.pending
                 sent = len(pending)
+                before = taken
+                popleft, keep, emit = items.popleft, pending.append, out.append
                 while items and count < max_items and taken < max_bytes:
-                    seq, item, nbytes = items[0]
+                    entry = items[0]
+                    item = entry[1]
                     if type(item) is Block:
                         n = len(item.array)
                         if count + n > max_items:  # take the part that fits
-                            k = max_items - count
-                            head = Block(item.array[:k])
-                            items[0] = (seq + k, Block(item.array[k:]), nbytes - head.array.nbytes)
-                            item, nbytes, n = head, head.array.nbytes, k
+                            entry, items[0] = split_entry(entry, max_items - count)
+                            item, n = entry[1], max_items - count
                         else:
-                            items.popleft()
+                            popleft()
                     else:
                         n = 1
-                        items.popleft()
-                    pending.append((seq, item, nbytes))
-                    s._pending_bytes += nbytes
-                    out.append((seq, item))
-                    taken += nbytes
+                        popleft()
+                    keep(entry)
+                    emit((entry[0], item))
+                    taken += entry[2]
                     count += n
                     fresh += n
+                s._pending_bytes += taken - before
                 record.sent += len(pending) - sent
                 record.pending_items += fresh
                 s._pending_items += fresh

@@ -54,6 +54,9 @@ REFRESH = 1.0
 SLACK_MS = 3000
 #: most payload bytes one offer script carries (one item always goes, however large)
 OFFER_BYTES = 32 << 20
+#: bytes read from Redis per socket read (redis-py's 64 KiB default takes 16 event loop
+#: rounds, and as many copies into the reply parser, per 1 MiB payload)
+READ_SIZE = 1 << 20
 
 
 class _Waiters:
@@ -168,6 +171,7 @@ class RedisStream(SchemaCheck):
         self._dtype = np.dtype(spec.dtype) if spec.dtype is not None else None
         self._checked: set[tuple[np.dtype[Any], tuple[int, ...]]] = set()
         self._queue = spec.mode == "queue"
+        self._next: int | None = None  # the stream's next seq, as this replica saw it last
 
     @property
     def _r(self) -> aioredis.Redis:
@@ -221,21 +225,19 @@ class RedisStream(SchemaCheck):
     async def _offer(
         self, producer: str, claim: int, rows: list[tuple[int, Any]]
     ) -> tuple[list[tuple[int, Any]], asyncio.Future[None] | None, int]:
-        """Offer `(producer seq, item)` rows in scripts of at most `OFFER_BYTES`."""
+        """Offer `(producer seq, item)` rows in steps of at most `OFFER_BYTES`."""
         spec, dups, i = self.spec, 0, 0
         while i < len(rows):
-            args: list[Any] = []
-            n = total = 0
+            chunk: list[tuple[int, bytes, Any, int]] = []
+            total = 0
             for pseq, item in rows[i:]:
                 head, payload, nbytes = _header(item)
-                if n and total + nbytes > OFFER_BYTES:
+                if chunk and total + nbytes > OFFER_BYTES:
                     break
-                args += (pseq, nbytes, head, payload)
-                n += 1
+                chunk.append((pseq, head, payload, nbytes))
                 total += nbytes
-            version = self._space.version
-            placed, status, expected, skipped, index = await self._run(
-                lua.OFFER,
+            n = len(chunk)
+            common = (
                 self.channel,
                 self.inc,
                 int(time.time() * 1000),
@@ -244,10 +246,20 @@ class RedisStream(SchemaCheck):
                 "q" if self._queue else "f",
                 spec.size,
                 spec.max_bytes,
-                n,
-                *args,
             )
+            version = self._space.version
+            got = None
+            if self._next is not None:
+                got = await self._append(common, chunk)
+            if got is None:  # the stream's next seq unknown or moved on: payloads via Lua
+                args: list[Any] = []
+                for pseq, head, payload, nbytes in chunk:
+                    args += (pseq, nbytes, head, payload)
+                got = await self._run(lua.OFFER, *common, n, *args)
+            placed, status, expected, skipped, index, nxt = got
             status = _s(status)
+            if status != "closed":
+                self._next = int(nxt)
             dups += int(skipped)
             if int(placed):
                 self._data.wake()
@@ -279,6 +291,30 @@ class RedisStream(SchemaCheck):
                 return rest, fut, dups
             i += n
         return [], None, dups
+
+    async def _append(
+        self, common: tuple[Any, ...], chunk: list[tuple[int, bytes, Any, int]]
+    ) -> Any:
+        """`XADD` the items at the seqs from the stream's expected next seq, then `COMMIT`
+        (bounds, producer seqs), in one MULTI; None if the guess was wrong (nothing kept)."""
+        assert self._next is not None
+        guess, x = self._next, self.base + ":x"
+        args: list[Any] = [guess, len(chunk)]
+        async with self._r.pipeline(transaction=True) as pipe:
+            for k, (pseq, head, payload, nbytes) in enumerate(chunk):
+                pipe.xadd(x, {b"h": head, b"d": payload}, id=f"{guess + k}-1", nomkstream=True)
+                args += (pseq, nbytes)
+            # EVAL, not EVALSHA: a script missing from the cache would fail after the
+            # XADDs inside the MULTI
+            pipe.eval(lua.COMMIT, 1, self.base, *common, *args)
+            results = await pipe.execute(raise_on_error=False)
+        got = results[-1]
+        if isinstance(got, Exception):
+            raise got
+        if _s(got[1]) == "retry":
+            self._next = None
+            return None
+        return got
 
     def forget(self, fut: asyncio.Future[None]) -> None:
         self._space.discard(fut)
@@ -731,7 +767,12 @@ class RedisRegistry:
         return self._redis
 
     def _client(self) -> aioredis.Redis:
-        return aioredis.Redis.from_url(self.url, health_check_interval=10, socket_keepalive=True)
+        return aioredis.Redis.from_url(
+            self.url,
+            health_check_interval=10,
+            socket_keepalive=True,
+            socket_read_size=READ_SIZE,
+        )
 
     async def start(self) -> None:
         if self._redis is not None:

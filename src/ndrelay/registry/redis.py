@@ -449,14 +449,24 @@ class RedisStream(SchemaCheck):
                 "(resume with after=<seq>)",
                 stream_name=self.name,
             )
-        status, acked, released, pending = await self._run(
+        got = await self._run(
             lua.ACK,
+            *self._ack_args(consumer, upto, release),
+        )
+        return await self._acked(consumer, upto, got)
+
+    def _ack_args(self, consumer: str, upto: int | None, release: bool) -> tuple[Any, ...]:
+        return (
             consumer,
             -1 if upto is None else upto,
             "1" if release else "0",
             self.channel,
             self.inc,
         )
+
+    async def _acked(self, consumer: str, upto: int | None, got: Any) -> dict[str, int]:
+        """The ACK script's answer, as `ack` returns it (or its error)."""
+        status, acked, released, pending = got
         status = _s(status)
         if status == "closed":
             raise self._closed_error(await self._r.hget(self.base + ":m", "term"))
@@ -562,6 +572,7 @@ class RedisConsumer:
         self.resend: list[int] = []  # queue: pending items an earlier connection had
         self.closed = False
         self._seen = -1  # the data version when `atake` last found nothing
+        self._ack: int | None = None  # auto-ack: written up to this seq, not acked yet
 
     def _superseded(self) -> ErrorFrame:
         return ErrorFrame(
@@ -604,7 +615,18 @@ class RedisConsumer:
             if entries:
                 await s._r.hincrby(s.base + ":m", "redelivered", len(entries))
             return [(seq, item) for seq, item, _ in entries] or None
-        got = await s._run(lua.TAKE, self.id, self.token, max_items, max_bytes, s.channel, s.inc)
+        take = (self.id, self.token, max_items, max_bytes, s.channel, s.inc)
+        if self._ack is None:
+            got = await s._run(lua.TAKE, *take)
+        else:  # the written items' ack and the next take in one round trip
+            upto, self._ack = self._ack, None
+            async with s._r.pipeline(transaction=False) as pipe:
+                pipe.eval(lua.ACK, 1, s.base, *s._ack_args(self.id, upto, False))
+                pipe.eval(lua.TAKE, 1, s.base, *take)
+                acked, got = await pipe.execute(raise_on_error=False)
+            if isinstance(got, Exception):
+                raise got
+            await self._settle(upto, acked)
         status = _s(got[0])
         if status == "items":
             seqs = [int(x) for x in got[2:]]
@@ -688,6 +710,7 @@ class RedisConsumer:
 
     async def wait(self) -> None:
         s = self.stream
+        await self._flush_ack()  # its room may be what the producer waits for
         if s._data.version != self._seen or self.closed:
             return
         fut = s._data.add()
@@ -699,11 +722,29 @@ class RedisConsumer:
             s._data.discard(fut)
 
     async def ack_written(self, upto: int) -> None:
+        """Acknowledged with the next take (one round trip for both), or before this
+        connection waits or closes, whichever comes first."""
         if self.auto_ack and self.stream._queue:
+            self._ack = upto
+
+    async def _flush_ack(self) -> None:
+        if self._ack is not None:
+            upto, self._ack = self._ack, None
+            s = self.stream
             try:
-                await self.stream.ack(self.id, upto)
-            except (ConsumerNotFound, AckConflict, StreamClosed):
-                pass
+                got = await s._run(lua.ACK, *s._ack_args(self.id, upto, False))
+            except RedisError as exc:
+                got = exc
+            await self._settle(upto, got)
+
+    async def _settle(self, upto: int, got: Any) -> None:
+        """An auto-ack's answer: its errors are the ones `ack_written` never raised."""
+        if isinstance(got, Exception):
+            raise got
+        try:
+            await self.stream._acked(self.id, upto, got)
+        except (ConsumerNotFound, AckConflict, StreamClosed):
+            pass
 
     async def aclose(self) -> None:
         if self.closed:
@@ -711,6 +752,10 @@ class RedisConsumer:
         self.closed = True
         s = self.stream
         s.registry.detach(self)
+        try:
+            await self._flush_ack()
+        except RedisError as exc:
+            log.warning("stream %r: consumer %r: written items not acked: %s", s.name, self.id, exc)
         try:
             await s._run(
                 lua.CLOSE,

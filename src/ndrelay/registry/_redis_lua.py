@@ -33,6 +33,7 @@ __all__ = [
     "OFFER",
     "OPEN",
     "REFRESH",
+    "ROOM",
     "TAKE",
 ]
 
@@ -283,6 +284,50 @@ redis.call('HSET', m, 'next', nxt, 'held', held, 'bytes', bytes, 'first', first,
 if producer ~= '' then redis.call('HSET', B .. ':prod', producer, expected) end
 if placed > 0 then redis.call('PUBLISH', ARGV[1], ARGV[2] .. ':d') end
 return {placed, status, expected, 0, index, nxt}
+"""
+)
+
+# How many of the next items fit now (what COMMIT would keep of them), changing nothing
+# but departed fanout `block` consumers (pruned, as OFFER and COMMIT prune them):
+# a replica that found the stream full asks this before it sends payloads again, so a
+# waiting producer does not send (and take back) every item it holds at each wake.
+# ARGV: now, mode ('q'/'f'), size, max_bytes, then each item's nbytes
+# Returns the count, or -1 if the stream is closed or gone.
+ROOM = (
+    _FLOOR
+    + """
+local B = KEYS[1]
+local m = B .. ':m'
+local st = redis.call('HMGET', m, 'aborted', 'term', 'next', 'held', 'bytes', 'first')
+if st[3] == false or st[1] == '1' or st[2] then return -1 end
+local held, bytes, first = tonumber(st[4]), tonumber(st[5]), tonumber(st[6])
+local nxt = tonumber(st[3])
+local queue = ARGV[2] == 'q'
+local size, maxb = tonumber(ARGV[3]), tonumber(ARGV[4])
+local floor_known, floor = false, nil
+local count = 0
+for i = 5, #ARGV do
+  local nb = tonumber(ARGV[i])
+  local fits = held == 0 or (held + 1 <= size and bytes + nb <= maxb)
+  if not fits and not queue then
+    if not floor_known then
+      floor = block_floor(B, ARGV[1])
+      floor_known = true
+    end
+    while held > 0 and (held + 1 > size or bytes + nb > maxb) do
+      if floor and first >= floor then break end
+      bytes = bytes - tonumber(redis.call('HGET', B .. ':sz', first) or '0')
+      held = held - 1
+      first = first + 1
+    end
+    fits = held == 0 or (held + 1 <= size and bytes + nb <= maxb)
+  end
+  if not fits then break end
+  held = held + 1
+  bytes = bytes + nb
+  count = count + 1
+end
+return count
 """
 )
 

@@ -172,6 +172,7 @@ class RedisStream(SchemaCheck):
         self._checked: set[tuple[np.dtype[Any], tuple[int, ...]]] = set()
         self._queue = spec.mode == "queue"
         self._next: int | None = None  # the stream's next seq, as this replica saw it last
+        self._full = False  # the stream had no room for this replica's last offer
 
     @property
     def _r(self) -> aioredis.Redis:
@@ -249,6 +250,24 @@ class RedisStream(SchemaCheck):
             )
             version = self._space.version
             got = None
+            if self._next is not None and self._full:
+                # full when last seen: send only what fits now, not everything held
+                room = int(
+                    await self._run(
+                        lua.ROOM,
+                        common[2],
+                        common[5],
+                        spec.size,
+                        spec.max_bytes,
+                        *(nbytes for *_, nbytes in chunk),
+                    )
+                )
+                if room == 0:
+                    return self._wait_room(rows[i:], version, dups)
+                if room > 0:
+                    self._full = room < n
+                    chunk = chunk[:room]
+                    n = room
             if self._next is not None:
                 got = await self._append(common, chunk)
             if got is None:  # the stream's next seq unknown or moved on: payloads via Lua
@@ -280,17 +299,25 @@ class RedisStream(SchemaCheck):
                 gap.index = i + int(index)  # type: ignore[attr-defined]
                 raise gap
             if status == "full":
+                self._full = True
                 i += int(index)
                 rest = rows[i:]
                 if producer:
                     rest = [(int(expected) + k, item) for k, (_, item) in enumerate(rest)]
-                fut = self._space.add()
-                if self._space.version != version:
-                    fut.set_result(None)
-                self.registry.fallback(fut)
-                return rest, fut, dups
+                return self._wait_room(rest, version, dups)
             i += n
         return [], None, dups
+
+    def _wait_room(
+        self, rest: list[tuple[int, Any]], version: int, dups: int
+    ) -> tuple[list[tuple[int, Any]], asyncio.Future[None], int]:
+        """`rest` with a future resolved when the stream may have room (at once if
+        space was freed since `version`)."""
+        fut = self._space.add()
+        if self._space.version != version:
+            fut.set_result(None)
+        self.registry.fallback(fut)
+        return rest, fut, dups
 
     async def _append(
         self, common: tuple[Any, ...], chunk: list[tuple[int, bytes, Any, int]]

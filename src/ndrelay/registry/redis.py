@@ -450,6 +450,7 @@ class RedisStream(SchemaCheck):
                 handle.closed = True
                 return handle  # its first take answers the terminal frame
             pending = [int(s) for s in out[1:]]
+            handle._high = max(pending, default=-1)
             if after is not None and after in pending:
                 pending = pending[pending.index(after) + 1 :]
             handle.resend = pending
@@ -600,6 +601,7 @@ class RedisConsumer:
         self.closed = False
         self._seen = -1  # the data version when `atake` last found nothing
         self._ack: int | None = None  # auto-ack: written up to this seq, not acked yet
+        self._high = -1  # queue: no seq above this was pending for this consumer (id)
 
     def _superseded(self) -> ErrorFrame:
         return ErrorFrame(
@@ -643,23 +645,49 @@ class RedisConsumer:
                 await s._r.hincrby(s.base + ":m", "redelivered", len(entries))
             return [(seq, item) for seq, item, _ in entries] or None
         take = (self.id, self.token, max_items, max_bytes, s.channel, s.inc)
-        if self._ack is None:
-            got = await s._run(lua.TAKE, *take)
-        else:  # the written items' ack and the next take in one round trip
-            upto, self._ack = self._ack, None
-            async with s._r.pipeline(transaction=False) as pipe:
+        # One round trip (a MULTI, so nothing comes between): the written items' ack
+        # (auto-ack), the take, and the payloads of what it took: TAKE puts the entries
+        # it hands out into this consumer's pending list in the group, and XREADGROUP
+        # with an id reads that list from the id on, payloads included. Everything this
+        # consumer had pending before is at or below `_high`, so what it reads above is
+        # what TAKE just gave it (items given back by others below `_high`, rare, are
+        # read after, with XRANGE).
+        upto, self._ack = self._ack, None
+        async with s._r.pipeline(transaction=True) as pipe:
+            if upto is not None:
                 pipe.eval(lua.ACK, 1, s.base, *s._ack_args(self.id, upto, False))
-                pipe.eval(lua.TAKE, 1, s.base, *take)
-                acked, got = await pipe.execute(raise_on_error=False)
-            if isinstance(got, Exception):
-                raise got
-            await self._settle(upto, acked)
+            pipe.eval(lua.TAKE, 1, s.base, *take)
+            pipe.xreadgroup(
+                "g",
+                self.id,
+                {s.base + ":x": f"{self._high}-1" if self._high >= 0 else "0-0"},
+                count=max_items,
+            )
+            results = await pipe.execute(raise_on_error=False)
+        if upto is not None:
+            await self._settle(upto, results[0])
+        got, read = results[-2], results[-1]
+        if isinstance(got, Exception):
+            raise got
         status = _s(got[0])
         if status == "items":
             seqs = [int(x) for x in got[2:]]
-            nret = int(got[1])
-            entries = await s._entries(seqs[:nret]) + await s._entries(seqs[nret:])
-            out = [(seq, item) for seq, item, _ in entries]
+            self._high = max(self._high, max(seqs))
+            fetched: dict[int, Any] = {}
+            if read and not isinstance(read, Exception):
+                for entry_id, fields in read[0][1]:
+                    if fields:
+                        fetched[int(entry_id.split(b"-")[0])] = fields
+            missing = [seq for seq in seqs if seq not in fetched]
+            if missing:
+                for seq, item, _ in await s._entries(missing):
+                    fetched[seq] = item
+            out = []
+            for seq in seqs:
+                got_item = fetched.get(seq)
+                if got_item is None:
+                    continue  # not stored (any more)
+                out.append((seq, _item(got_item)[0] if type(got_item) is dict else got_item))
             return out or None
         if status == "none":
             return None

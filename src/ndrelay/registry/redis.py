@@ -3,8 +3,8 @@
 Strategy: every step that reads and changes a stream's state runs as one Lua script
 (`_redis_lua.py`, where the key layout is), so replicas never race each other; payloads
 stay out of Lua: appended by `XADD` in one MULTI with the script that checks them
-(`COMMIT`), read with plain `XRANGE` (an entry does not change once written). Each replica keeps,
-per stream, only futures of its own waiting producers and consumers, woken by one
+(`COMMIT`), read by `XREADGROUP` in one MULTI with the queue take, or with plain `XRANGE`
+(an entry does not change once written). Each replica keeps, per stream, only futures of its own waiting producers and consumers, woken by one
 pattern subscription to the streams' notification channels (and, should a notification
 be lost, by a one-second fallback). Producer threads (`Relay.publish`) hand their calls
 to the server's event loop.

@@ -205,10 +205,16 @@ local x = B .. ':x'
 local guess, n = tonumber(ARGV[9]), tonumber(ARGV[10])
 -- delete the entries of seqs from..guess+n-1 that these XADDs added; last id back
 local function undo(from, last)
+  if redis.call('EXISTS', x) == 0 then return end
   local ids = {}
-  for s = math.max(from, guess), guess + n - 1 do ids[#ids + 1] = s .. '-1' end
-  if #ids == 0 or redis.call('EXISTS', x) == 0 then return end
-  redis.call('XDEL', x, unpack(ids))
+  for s = math.max(from, guess), guess + n - 1 do
+    ids[#ids + 1] = s .. '-1'
+    if #ids >= 1000 then
+      redis.call('XDEL', x, unpack(ids))
+      ids = {}
+    end
+  end
+  if #ids > 0 then redis.call('XDEL', x, unpack(ids)) end
   if last > 0 then
     redis.call('XSETID', x, (last - 1) .. '-1')
   else

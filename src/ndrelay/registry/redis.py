@@ -4,16 +4,18 @@ Strategy: every step that reads and changes a stream's state runs as one Lua scr
 (`_redis_lua.py`, where the key layout is), so replicas never race each other; payloads
 stay out of Lua: appended by `XADD` in one MULTI with the script that checks them
 (`COMMIT`), read by `XREADGROUP` in one MULTI with the queue take, or with plain `XRANGE`
-(an entry does not change once written). Each replica keeps, per stream, only futures of its own waiting producers and consumers, woken by one
-pattern subscription to the streams' notification channels (and, should a notification
-be lost, by a one-second fallback). Producer threads (`Relay.publish`) hand their calls
-to the server's event loop.
+(an entry does not change once written). Each replica keeps, per stream, only futures
+of its own waiting producers and consumers, woken by one pattern subscription to the
+streams' notification channels (and, should a notification be lost, by a one-second
+fallback). Producer threads (`Relay.publish`) hand their calls to the server's event
+loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import json
 import logging
 import secrets
@@ -55,6 +57,9 @@ REFRESH = 1.0
 SLACK_MS = 3000
 #: most payload bytes one offer script carries (one item always goes, however large)
 OFFER_BYTES = 32 << 20
+#: most items one offer or append carries (and never more than the stream's `size`): the
+#: scripts hand lists of entry ids to single commands, and Lua's `unpack` stops near 8000
+OFFER_ITEMS = 4096
 #: bytes read from Redis per socket read (redis-py's 64 KiB default takes 16 event loop
 #: rounds, and as many copies into the reply parser, per 1 MiB payload)
 READ_SIZE = 1 << 20
@@ -227,12 +232,14 @@ class RedisStream(SchemaCheck):
     async def _offer(
         self, producer: str, claim: int, rows: list[tuple[int, Any]]
     ) -> tuple[list[tuple[int, Any]], asyncio.Future[None] | None, int]:
-        """Offer `(producer seq, item)` rows in steps of at most `OFFER_BYTES`."""
+        """Offer `(producer seq, item)` rows in steps of at most `OFFER_BYTES` and
+        `OFFER_ITEMS` (or the stream's `size`) items."""
         spec, dups, i = self.spec, 0, 0
+        most = max(1, min(OFFER_ITEMS, spec.size))
         while i < len(rows):
             chunk: list[tuple[int, bytes, Any, int]] = []
             total = 0
-            for pseq, item in rows[i:]:
+            for pseq, item in itertools.islice(rows, i, i + most):
                 head, payload, nbytes = _header(item)
                 if chunk and total + nbytes > OFFER_BYTES:
                     break

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import itertools
 import json
 import logging
@@ -93,12 +94,21 @@ class _Waiters:
             pass
 
 
+@functools.lru_cache(maxsize=256)
+def _array_head(dtype: str, shape: tuple[int, ...]) -> bytes:
+    return f"a;{dtype};{','.join(map(str, shape))}".encode()
+
+
+def _nbytes(item: Any) -> int:
+    return int(item.nbytes) if isinstance(item, np.ndarray) else len(item)
+
+
 def _header(item: Any) -> tuple[bytes, Any, int]:
     """An item as `(header, payload, nbytes)` for its entry."""
     if isinstance(item, np.ndarray):
         if not item.flags.c_contiguous:
             item = np.ascontiguousarray(item)
-        head = f"a;{item.dtype.str};{','.join(map(str, item.shape))}".encode()
+        head = _array_head(item.dtype.str, item.shape)
         payload = item.reshape(-1).view(np.uint8).data if item.nbytes else b""
         return head, payload, item.nbytes
     data = bytes(item) if isinstance(item, bytearray) else item
@@ -237,15 +247,15 @@ class RedisStream(SchemaCheck):
         spec, dups, i = self.spec, 0, 0
         most = max(1, min(OFFER_ITEMS, spec.size))
         while i < len(rows):
-            chunk: list[tuple[int, bytes, Any, int]] = []
+            sized: list[tuple[int, Any, int]] = []
             total = 0
             for pseq, item in itertools.islice(rows, i, i + most):
-                head, payload, nbytes = _header(item)
-                if chunk and total + nbytes > OFFER_BYTES:
+                nbytes = _nbytes(item)
+                if sized and total + nbytes > OFFER_BYTES:
                     break
-                chunk.append((pseq, head, payload, nbytes))
+                sized.append((pseq, item, nbytes))
                 total += nbytes
-            n = len(chunk)
+            n = len(sized)
             common = (
                 self.channel,
                 self.inc,
@@ -267,15 +277,17 @@ class RedisStream(SchemaCheck):
                         common[5],
                         spec.size,
                         spec.max_bytes,
-                        *(nbytes for *_, nbytes in chunk),
+                        *(nbytes for *_, nbytes in sized),
                     )
                 )
                 if room == 0:
                     return self._wait_room(rows[i:], version, dups)
                 if room > 0:
                     self._full = room < n
-                    chunk = chunk[:room]
+                    sized = sized[:room]
                     n = room
+            # headers and payload views only of the items sent
+            chunk = [(pseq, *_header(item)) for pseq, item, _ in sized]
             if self._next is not None:
                 got = await self._append(common, chunk)
             if got is None:  # the stream's next seq unknown or moved on: payloads via Lua

@@ -173,6 +173,48 @@ def test_queue_consumers_split_across_replicas_get_every_item_exactly_once(repli
     assert (got[0] or got[2]) and (got[1] or got[3]), "consumers on A and on B got work"
 
 
+def test_producers_on_both_replicas_append_to_one_bounded_stream_exactly_once(replicas):
+    """Each replica appends at the seq it saw last: once the other one appended, its
+    guess is wrong and it must start over without keeping an item twice; the small
+    bound makes appends that only partly fit, whose rest is taken back."""
+    a, b = replicas
+    n = 400
+    with RelayClient(a.url) as ca:
+        ca.create("both", size=4)
+
+        def produce(k: int) -> None:
+            with RelayClient((a, b)[k].url) as c:
+                items = (np.full(2048, k * n + i, np.int64) for i in range(n))
+                c.publish("both", items, end=False)
+
+        producers = [threading.Thread(target=produce, args=(k,), daemon=True) for k in (0, 1)]
+        for p in producers:
+            p.start()
+        got: list[int] = []
+
+        def read() -> None:
+            with RelayClient(b.url) as cb, cb.stream("both", consumer="reader") as s:
+                for x in s:
+                    assert (x == x[0]).all()
+                    got.append(int(x[0]))
+                    if len(got) == 2 * n:
+                        break
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(60)
+        for p in producers:
+            p.join(30)
+        assert not reader.is_alive(), f"{len(got)} of {2 * n} items read in 60 s"
+        assert not any(p.is_alive() for p in producers)
+        assert sorted(got) == list(range(2 * n))
+        for k in (0, 1):  # each producer's items in its own order
+            mine = [i for i in got if k * n <= i < (k + 1) * n]
+            assert mine == sorted(mine)
+        info = ca.info("both")
+        assert info["produced"] == 2 * n and info["depth"] == 0
+
+
 def _upload_with_retries(url: str, name: str, n: int, producer: str, errors: list[str]) -> None:
     """A producer that names itself and numbers its frames: on any failure it asks the
     relay (through the balancer) which seq it expects and sends from there."""

@@ -23,7 +23,19 @@ a terminal frame), `s` (space), `x` (deleted, or a connection superseded).
 
 from __future__ import annotations
 
-__all__ = ["ACK", "CLOSE", "CREATE", "DELETE", "FINISH", "OFFER", "OPEN", "REFRESH", "TAKE"]
+__all__ = [
+    "ACK",
+    "CLOSE",
+    "COMMIT",
+    "CREATE",
+    "DELETE",
+    "FINISH",
+    "OFFER",
+    "OPEN",
+    "REFRESH",
+    "ROOM",
+    "TAKE",
+]
 
 # KEYS[1]: a connection key; ARGV: token, ttl_ms. Keeps it alive if it is still ours.
 REFRESH = """
@@ -90,7 +102,7 @@ end
 
 # ARGV: channel, inc, now, producer ('' = none), claim, mode ('q'/'f'), size, max_bytes,
 #       n, then n times: pseq, nbytes, header, payload
-# Returns {placed, status, expected, dups, index}; status ok|full|closed|claim|gap
+# Returns {placed, status, expected, dups, index, next}; status ok|full|closed|claim|gap
 OFFER = (
     _FLOOR
     + """
@@ -98,13 +110,13 @@ local B = KEYS[1]
 local m = B .. ':m'
 local st = redis.call('HMGET', m, 'aborted', 'term', 'next', 'held', 'bytes', 'first',
   'produced_bytes')
-if st[3] == false then return {0, 'closed', 0, 0, 0} end
-if st[1] == '1' or st[2] then return {0, 'closed', 0, 0, 0} end
+if st[3] == false then return {0, 'closed', 0, 0, 0, 0} end
+if st[1] == '1' or st[2] then return {0, 'closed', 0, 0, 0, 0} end
 local producer = ARGV[4]
 local expected = 0
 if producer ~= '' then
   if redis.call('HGET', B .. ':claim', producer) ~= ARGV[5] then
-    return {0, 'claim', 0, 0, 0}
+    return {0, 'claim', 0, 0, 0, 0}
   end
   expected = tonumber(redis.call('HGET', B .. ':prod', producer) or '0')
 end
@@ -166,7 +178,162 @@ redis.call('HSET', m, 'next', nxt, 'held', held, 'bytes', bytes, 'first', first,
   'produced_bytes', produced)
 if producer ~= '' then redis.call('HSET', B .. ':prod', producer, expected) end
 if placed > 0 then redis.call('PUBLISH', ARGV[1], ARGV[2] .. ':d') end
-return {placed, status, expected, dups, index}
+return {placed, status, expected, dups, index, nxt}
+"""
+)
+
+# OFFER without the payloads: it runs in one MULTI right after `XADD B:x NOMKSTREAM
+# <guess + i>-1 h .. d ..` of each item, so a payload never passes through Lua (a 1 MiB
+# script argument costs Redis about ten times its XADD). It keeps the first items that
+# fit and deletes the entries of the others, then sets the stream's last id back, so
+# the next XADD of those seqs is accepted; nobody sees the entries in between (MULTI).
+# If the guess was not the stream's next seq (another replica appended meanwhile, or a
+# retried MULTI), or a producer seq is not the expected one (a retried upload: dups,
+# or a gap), it deletes every entry it was given and answers `retry`: the replica then
+# runs OFFER for those items. An XADD at or below the stream's last id fails inside the
+# MULTI, so a retried write cannot add an item twice.
+# ARGV: channel, inc, now, producer ('' = none), claim, mode ('q'/'f'), size, max_bytes,
+#       guess, n, then n times: pseq, nbytes
+# Returns {placed, status, expected, dups, index, next};
+#         status ok|full|closed|claim|retry
+COMMIT = (
+    _FLOOR
+    + """
+local B = KEYS[1]
+local m = B .. ':m'
+local x = B .. ':x'
+local guess, n = tonumber(ARGV[9]), tonumber(ARGV[10])
+-- delete the entries of seqs from..guess+n-1 that these XADDs added; last id back
+local function undo(from, last)
+  if redis.call('EXISTS', x) == 0 then return end
+  local ids = {}
+  for s = math.max(from, guess), guess + n - 1 do
+    ids[#ids + 1] = s .. '-1'
+    if #ids >= 1000 then
+      redis.call('XDEL', x, unpack(ids))
+      ids = {}
+    end
+  end
+  if #ids > 0 then redis.call('XDEL', x, unpack(ids)) end
+  if last > 0 then
+    redis.call('XSETID', x, (last - 1) .. '-1')
+  else
+    redis.call('XSETID', x, '0-0')
+  end
+end
+local st = redis.call('HMGET', m, 'aborted', 'term', 'next', 'held', 'bytes', 'first',
+  'produced_bytes')
+if st[3] == false or st[1] == '1' or st[2] then
+  if st[3] ~= false and st[1] ~= '1' then undo(tonumber(st[3]), tonumber(st[3])) end
+  return {0, 'closed', 0, 0, 0, 0}
+end
+local nxt, held, bytes = tonumber(st[3]), tonumber(st[4]), tonumber(st[5])
+local first, produced = tonumber(st[6]), tonumber(st[7])
+if nxt ~= guess then
+  undo(nxt, nxt)
+  return {0, 'retry', 0, 0, 0, nxt}
+end
+local producer = ARGV[4]
+local expected = 0
+if producer ~= '' then
+  if redis.call('HGET', B .. ':claim', producer) ~= ARGV[5] then
+    undo(nxt, nxt)
+    return {0, 'claim', 0, 0, 0, nxt}
+  end
+  expected = tonumber(redis.call('HGET', B .. ':prod', producer) or '0')
+  for i = 0, n - 1 do
+    local pseq = tonumber(ARGV[11 + i * 2])
+    if pseq >= 0 and pseq ~= expected + i then
+      undo(nxt, nxt)
+      return {0, 'retry', 0, 0, 0, nxt}
+    end
+  end
+end
+local queue = ARGV[6] == 'q'
+local size, maxb = tonumber(ARGV[7]), tonumber(ARGV[8])
+local placed, status, index = 0, 'ok', 0
+local floor_known, floor = false, nil
+for i = 0, n - 1 do
+  local nb = tonumber(ARGV[12 + i * 2])
+  local fits = held == 0 or (held + 1 <= size and bytes + nb <= maxb)
+  if not fits and not queue then
+    if not floor_known then
+      floor = block_floor(B, ARGV[3])
+      floor_known = true
+    end
+    while held > 0 and (held + 1 > size or bytes + nb > maxb) do
+      if floor and first >= floor then break end
+      local old = redis.call('HGET', B .. ':sz', first)
+      redis.call('XDEL', x, first .. '-1')
+      redis.call('HDEL', B .. ':sz', first)
+      bytes = bytes - tonumber(old or '0')
+      held = held - 1
+      first = first + 1
+    end
+    fits = held == 0 or (held + 1 <= size and bytes + nb <= maxb)
+  end
+  if not fits then
+    status, index = 'full', i
+    break
+  end
+  redis.call('HSET', B .. ':sz', nxt, nb)
+  nxt = nxt + 1
+  held = held + 1
+  bytes = bytes + nb
+  produced = produced + nb
+  placed = placed + 1
+end
+if placed < n then undo(nxt, nxt) end
+if producer ~= '' then expected = expected + placed end
+redis.call('HSET', m, 'next', nxt, 'held', held, 'bytes', bytes, 'first', first,
+  'produced_bytes', produced)
+if producer ~= '' then redis.call('HSET', B .. ':prod', producer, expected) end
+if placed > 0 then redis.call('PUBLISH', ARGV[1], ARGV[2] .. ':d') end
+return {placed, status, expected, 0, index, nxt}
+"""
+)
+
+# How many of the next items fit now (what COMMIT would keep of them), changing nothing
+# but departed fanout `block` consumers (pruned, as OFFER and COMMIT prune them):
+# a replica that found the stream full asks this before it sends payloads again, so a
+# waiting producer does not send (and take back) every item it holds at each wake.
+# ARGV: now, mode ('q'/'f'), size, max_bytes, then each item's nbytes
+# Returns the count, or -1 if the stream is closed or gone.
+ROOM = (
+    _FLOOR
+    + """
+local B = KEYS[1]
+local m = B .. ':m'
+local st = redis.call('HMGET', m, 'aborted', 'term', 'next', 'held', 'bytes', 'first')
+if st[3] == false or st[1] == '1' or st[2] then return -1 end
+local held, bytes, first = tonumber(st[4]), tonumber(st[5]), tonumber(st[6])
+local nxt = tonumber(st[3])
+local queue = ARGV[2] == 'q'
+local size, maxb = tonumber(ARGV[3]), tonumber(ARGV[4])
+local floor_known, floor = false, nil
+local count = 0
+for i = 5, #ARGV do
+  local nb = tonumber(ARGV[i])
+  local fits = held == 0 or (held + 1 <= size and bytes + nb <= maxb)
+  if not fits and not queue then
+    if not floor_known then
+      floor = block_floor(B, ARGV[1])
+      floor_known = true
+    end
+    while held > 0 and (held + 1 > size or bytes + nb > maxb) do
+      if floor and first >= floor then break end
+      bytes = bytes - tonumber(redis.call('HGET', B .. ':sz', first) or '0')
+      held = held - 1
+      first = first + 1
+    end
+    fits = held == 0 or (held + 1 <= size and bytes + nb <= maxb)
+  end
+  if not fits then break end
+  held = held + 1
+  bytes = bytes + nb
+  count = count + 1
+end
+return count
 """
 )
 

@@ -2,17 +2,21 @@
 
 Strategy: every step that reads and changes a stream's state runs as one Lua script
 (`_redis_lua.py`, where the key layout is), so replicas never race each other; payloads
-are read with plain `XRANGE` (an entry does not change once written). Each replica keeps,
-per stream, only futures of its own waiting producers and consumers, woken by one
-pattern subscription to the streams' notification channels (and, should a notification
-be lost, by a one-second fallback). Producer threads (`Relay.publish`) hand their calls
-to the server's event loop.
+stay out of Lua: appended by `XADD` in one MULTI with the script that checks them
+(`COMMIT`), read by `XREADGROUP` in one MULTI with the queue take, or with plain `XRANGE`
+(an entry does not change once written). Each replica keeps, per stream, only futures
+of its own waiting producers and consumers, woken by one pattern subscription to the
+streams' notification channels (and, should a notification be lost, by a one-second
+fallback). Producer threads (`Relay.publish`) hand their calls to the server's event
+loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
+import itertools
 import json
 import logging
 import secrets
@@ -54,6 +58,12 @@ REFRESH = 1.0
 SLACK_MS = 3000
 #: most payload bytes one offer script carries (one item always goes, however large)
 OFFER_BYTES = 32 << 20
+#: most items one offer or append carries (and never more than the stream's `size`): the
+#: scripts hand lists of entry ids to single commands, and Lua's `unpack` stops near 8000
+OFFER_ITEMS = 4096
+#: bytes read from Redis per socket read (redis-py's 64 KiB default takes 16 event loop
+#: rounds, and as many copies into the reply parser, per 1 MiB payload)
+READ_SIZE = 1 << 20
 
 
 class _Waiters:
@@ -84,12 +94,21 @@ class _Waiters:
             pass
 
 
+@functools.lru_cache(maxsize=256)
+def _array_head(dtype: str, shape: tuple[int, ...]) -> bytes:
+    return f"a;{dtype};{','.join(map(str, shape))}".encode()
+
+
+def _nbytes(item: Any) -> int:
+    return int(item.nbytes) if isinstance(item, np.ndarray) else len(item)
+
+
 def _header(item: Any) -> tuple[bytes, Any, int]:
     """An item as `(header, payload, nbytes)` for its entry."""
     if isinstance(item, np.ndarray):
         if not item.flags.c_contiguous:
             item = np.ascontiguousarray(item)
-        head = f"a;{item.dtype.str};{','.join(map(str, item.shape))}".encode()
+        head = _array_head(item.dtype.str, item.shape)
         payload = item.reshape(-1).view(np.uint8).data if item.nbytes else b""
         return head, payload, item.nbytes
     data = bytes(item) if isinstance(item, bytearray) else item
@@ -168,6 +187,8 @@ class RedisStream(SchemaCheck):
         self._dtype = np.dtype(spec.dtype) if spec.dtype is not None else None
         self._checked: set[tuple[np.dtype[Any], tuple[int, ...]]] = set()
         self._queue = spec.mode == "queue"
+        self._next: int | None = None  # the stream's next seq, as this replica saw it last
+        self._full = False  # the stream had no room for this replica's last offer
 
     @property
     def _r(self) -> aioredis.Redis:
@@ -221,21 +242,21 @@ class RedisStream(SchemaCheck):
     async def _offer(
         self, producer: str, claim: int, rows: list[tuple[int, Any]]
     ) -> tuple[list[tuple[int, Any]], asyncio.Future[None] | None, int]:
-        """Offer `(producer seq, item)` rows in scripts of at most `OFFER_BYTES`."""
+        """Offer `(producer seq, item)` rows in steps of at most `OFFER_BYTES` and
+        `OFFER_ITEMS` (or the stream's `size`) items."""
         spec, dups, i = self.spec, 0, 0
+        most = max(1, min(OFFER_ITEMS, spec.size))
         while i < len(rows):
-            args: list[Any] = []
-            n = total = 0
-            for pseq, item in rows[i:]:
-                head, payload, nbytes = _header(item)
-                if n and total + nbytes > OFFER_BYTES:
+            sized: list[tuple[int, Any, int]] = []
+            total = 0
+            for pseq, item in itertools.islice(rows, i, i + most):
+                nbytes = _nbytes(item)
+                if sized and total + nbytes > OFFER_BYTES:
                     break
-                args += (pseq, nbytes, head, payload)
-                n += 1
+                sized.append((pseq, item, nbytes))
                 total += nbytes
-            version = self._space.version
-            placed, status, expected, skipped, index = await self._run(
-                lua.OFFER,
+            n = len(sized)
+            common = (
                 self.channel,
                 self.inc,
                 int(time.time() * 1000),
@@ -244,10 +265,40 @@ class RedisStream(SchemaCheck):
                 "q" if self._queue else "f",
                 spec.size,
                 spec.max_bytes,
-                n,
-                *args,
             )
+            version = self._space.version
+            got = None
+            if self._next is not None and self._full:
+                # full when last seen: send only what fits now, not everything held
+                room = int(
+                    await self._run(
+                        lua.ROOM,
+                        common[2],
+                        common[5],
+                        spec.size,
+                        spec.max_bytes,
+                        *(nbytes for *_, nbytes in sized),
+                    )
+                )
+                if room == 0:
+                    return self._wait_room(rows[i:], version, dups)
+                if room > 0:
+                    self._full = room < n
+                    sized = sized[:room]
+                    n = room
+            # headers and payload views only of the items sent
+            chunk = [(pseq, *_header(item)) for pseq, item, _ in sized]
+            if self._next is not None:
+                got = await self._append(common, chunk)
+            if got is None:  # the stream's next seq unknown or moved on: payloads via Lua
+                args: list[Any] = []
+                for pseq, head, payload, nbytes in chunk:
+                    args += (pseq, nbytes, head, payload)
+                got = await self._run(lua.OFFER, *common, n, *args)
+            placed, status, expected, skipped, index, nxt = got
             status = _s(status)
+            if status != "closed":
+                self._next = int(nxt)
             dups += int(skipped)
             if int(placed):
                 self._data.wake()
@@ -268,17 +319,49 @@ class RedisStream(SchemaCheck):
                 gap.index = i + int(index)  # type: ignore[attr-defined]
                 raise gap
             if status == "full":
+                self._full = True
                 i += int(index)
                 rest = rows[i:]
                 if producer:
                     rest = [(int(expected) + k, item) for k, (_, item) in enumerate(rest)]
-                fut = self._space.add()
-                if self._space.version != version:
-                    fut.set_result(None)
-                self.registry.fallback(fut)
-                return rest, fut, dups
+                return self._wait_room(rest, version, dups)
             i += n
         return [], None, dups
+
+    def _wait_room(
+        self, rest: list[tuple[int, Any]], version: int, dups: int
+    ) -> tuple[list[tuple[int, Any]], asyncio.Future[None], int]:
+        """`rest` with a future resolved when the stream may have room (at once if
+        space was freed since `version`)."""
+        fut = self._space.add()
+        if self._space.version != version:
+            fut.set_result(None)
+        self.registry.fallback(fut)
+        return rest, fut, dups
+
+    async def _append(
+        self, common: tuple[Any, ...], chunk: list[tuple[int, bytes, Any, int]]
+    ) -> Any:
+        """`XADD` the items at the seqs from the stream's expected next seq, then `COMMIT`
+        (bounds, producer seqs), in one MULTI; None if the guess was wrong (nothing kept)."""
+        assert self._next is not None
+        guess, x = self._next, self.base + ":x"
+        args: list[Any] = [guess, len(chunk)]
+        async with self._r.pipeline(transaction=True) as pipe:
+            for k, (pseq, head, payload, nbytes) in enumerate(chunk):
+                pipe.xadd(x, {b"h": head, b"d": payload}, id=f"{guess + k}-1", nomkstream=True)
+                args += (pseq, nbytes)
+            # EVAL, not EVALSHA: a script missing from the cache would fail after the
+            # XADDs inside the MULTI
+            pipe.eval(lua.COMMIT, 1, self.base, *common, *args)
+            results = await pipe.execute(raise_on_error=False)
+        got = results[-1]
+        if isinstance(got, Exception):
+            raise got
+        if _s(got[1]) == "retry":
+            self._next = None
+            return None
+        return got
 
     def forget(self, fut: asyncio.Future[None]) -> None:
         self._space.discard(fut)
@@ -387,6 +470,7 @@ class RedisStream(SchemaCheck):
                 handle.closed = True
                 return handle  # its first take answers the terminal frame
             pending = [int(s) for s in out[1:]]
+            handle._high = max(pending, default=-1)
             if after is not None and after in pending:
                 pending = pending[pending.index(after) + 1 :]
             handle.resend = pending
@@ -413,14 +497,24 @@ class RedisStream(SchemaCheck):
                 "(resume with after=<seq>)",
                 stream_name=self.name,
             )
-        status, acked, released, pending = await self._run(
+        got = await self._run(
             lua.ACK,
+            *self._ack_args(consumer, upto, release),
+        )
+        return await self._acked(consumer, upto, got)
+
+    def _ack_args(self, consumer: str, upto: int | None, release: bool) -> tuple[Any, ...]:
+        return (
             consumer,
             -1 if upto is None else upto,
             "1" if release else "0",
             self.channel,
             self.inc,
         )
+
+    async def _acked(self, consumer: str, upto: int | None, got: Any) -> dict[str, int]:
+        """The ACK script's answer, as `ack` returns it (or its error)."""
+        status, acked, released, pending = got
         status = _s(status)
         if status == "closed":
             raise self._closed_error(await self._r.hget(self.base + ":m", "term"))
@@ -526,6 +620,8 @@ class RedisConsumer:
         self.resend: list[int] = []  # queue: pending items an earlier connection had
         self.closed = False
         self._seen = -1  # the data version when `atake` last found nothing
+        self._ack: int | None = None  # auto-ack: written up to this seq, not acked yet
+        self._high = -1  # queue: no seq above this was pending for this consumer (id)
 
     def _superseded(self) -> ErrorFrame:
         return ErrorFrame(
@@ -568,13 +664,50 @@ class RedisConsumer:
             if entries:
                 await s._r.hincrby(s.base + ":m", "redelivered", len(entries))
             return [(seq, item) for seq, item, _ in entries] or None
-        got = await s._run(lua.TAKE, self.id, self.token, max_items, max_bytes, s.channel, s.inc)
+        take = (self.id, self.token, max_items, max_bytes, s.channel, s.inc)
+        # One round trip (a MULTI, so nothing comes between): the written items' ack
+        # (auto-ack), the take, and the payloads of what it took: TAKE puts the entries
+        # it hands out into this consumer's pending list in the group, and XREADGROUP
+        # with an id reads that list from the id on, payloads included. Everything this
+        # consumer had pending before is at or below `_high`, so what it reads above is
+        # what TAKE just gave it (items given back by others below `_high`, rare, are
+        # read after, with XRANGE).
+        upto, self._ack = self._ack, None
+        async with s._r.pipeline(transaction=True) as pipe:
+            if upto is not None:
+                pipe.eval(lua.ACK, 1, s.base, *s._ack_args(self.id, upto, False))
+            pipe.eval(lua.TAKE, 1, s.base, *take)
+            pipe.xreadgroup(
+                "g",
+                self.id,
+                {s.base + ":x": f"{self._high}-1" if self._high >= 0 else "0-0"},
+                count=max_items,
+            )
+            results = await pipe.execute(raise_on_error=False)
+        if upto is not None:
+            await self._settle(upto, results[0])
+        got, read = results[-2], results[-1]
+        if isinstance(got, Exception):
+            raise got
         status = _s(got[0])
         if status == "items":
             seqs = [int(x) for x in got[2:]]
-            nret = int(got[1])
-            entries = await s._entries(seqs[:nret]) + await s._entries(seqs[nret:])
-            out = [(seq, item) for seq, item, _ in entries]
+            self._high = max(self._high, max(seqs))
+            fetched: dict[int, Any] = {}
+            if read and not isinstance(read, Exception):
+                for entry_id, fields in read[0][1]:
+                    if fields:
+                        fetched[int(entry_id.split(b"-")[0])] = fields
+            missing = [seq for seq in seqs if seq not in fetched]
+            if missing:
+                for seq, item, _ in await s._entries(missing):
+                    fetched[seq] = item
+            out = []
+            for seq in seqs:
+                got_item = fetched.get(seq)
+                if got_item is None:
+                    continue  # not stored (any more)
+                out.append((seq, _item(got_item)[0] if type(got_item) is dict else got_item))
             return out or None
         if status == "none":
             return None
@@ -652,6 +785,7 @@ class RedisConsumer:
 
     async def wait(self) -> None:
         s = self.stream
+        await self._flush_ack()  # its room may be what the producer waits for
         if s._data.version != self._seen or self.closed:
             return
         fut = s._data.add()
@@ -663,11 +797,29 @@ class RedisConsumer:
             s._data.discard(fut)
 
     async def ack_written(self, upto: int) -> None:
+        """Acknowledged with the next take (one round trip for both), or before this
+        connection waits or closes, whichever comes first."""
         if self.auto_ack and self.stream._queue:
+            self._ack = upto
+
+    async def _flush_ack(self) -> None:
+        if self._ack is not None:
+            upto, self._ack = self._ack, None
+            s = self.stream
             try:
-                await self.stream.ack(self.id, upto)
-            except (ConsumerNotFound, AckConflict, StreamClosed):
-                pass
+                got = await s._run(lua.ACK, *s._ack_args(self.id, upto, False))
+            except RedisError as exc:
+                got = exc
+            await self._settle(upto, got)
+
+    async def _settle(self, upto: int, got: Any) -> None:
+        """An auto-ack's answer: its errors are the ones `ack_written` never raised."""
+        if isinstance(got, Exception):
+            raise got
+        try:
+            await self.stream._acked(self.id, upto, got)
+        except (ConsumerNotFound, AckConflict, StreamClosed):
+            pass
 
     async def aclose(self) -> None:
         if self.closed:
@@ -675,6 +827,10 @@ class RedisConsumer:
         self.closed = True
         s = self.stream
         s.registry.detach(self)
+        try:
+            await self._flush_ack()
+        except RedisError as exc:
+            log.warning("stream %r: consumer %r: written items not acked: %s", s.name, self.id, exc)
         try:
             await s._run(
                 lua.CLOSE,
@@ -731,7 +887,12 @@ class RedisRegistry:
         return self._redis
 
     def _client(self) -> aioredis.Redis:
-        return aioredis.Redis.from_url(self.url, health_check_interval=10, socket_keepalive=True)
+        return aioredis.Redis.from_url(
+            self.url,
+            health_check_interval=10,
+            socket_keepalive=True,
+            socket_read_size=READ_SIZE,
+        )
 
     async def start(self) -> None:
         if self._redis is not None:

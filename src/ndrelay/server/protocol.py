@@ -15,8 +15,10 @@ uvicorn does not chunk, bytes still in the transport's buffer) goes through uvic
 Uploads: uvicorn gathers request body pieces with `body += piece` and hands the app
 `bytes(body)`, two copies of every payload. The second extension, `ndrelay.receive_chunks`,
 is an ASGI `receive` whose `http.request` messages carry `chunks` (the pieces as the
-parser produced them, not joined) instead of `body`, with uvicorn's own flow control
-(reading pauses while more than its high-water mark waits).
+parser produced them, not joined) instead of `body`. Reading pauses while more than
+`UPLOAD_READ_AHEAD` bytes wait (uvicorn's own high-water mark is 64 KiB: an upload whose
+stream takes a round trip to store each message, as on Redis, then read about one recv
+per round trip, and never had a second frame to store in the same round trip).
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ __all__ = [
 #: The scope extensions' keys.
 EXTENSION = "ndrelay.vectored_send"
 RECEIVE_EXTENSION = "ndrelay.receive_chunks"
+#: body bytes an upload may have waiting before the server stops reading its socket
+UPLOAD_READ_AHEAD = max(HIGH_WATER_LIMIT, 4 << 20)
 #: Most buffers one sendmsg takes (Linux IOV_MAX is 1024).
 _IOV_MAX = 1024
 #: Writes with no buffer this large go through uvicorn's send: joining small payloads
@@ -166,7 +170,7 @@ class VectoredHttpProtocol(HttpToolsProtocol):
             return
         chunks.chunks.append(body)
         chunks.size += len(body)
-        if chunks.size > HIGH_WATER_LIMIT:
+        if chunks.size > UPLOAD_READ_AHEAD:
             self.flow.pause_reading()
         cycle.message_event.set()
 

@@ -87,6 +87,7 @@ return 1
 """
 
 # Prune fanout block consumers whose replica stopped refreshing them; the lowest cursor.
+# And make room for an item (fanout evicts), shared by OFFER, COMMIT and ROOM.
 _FLOOR = """
 local function block_floor(B, now)
   local stale = redis.call('ZRANGEBYSCORE', B .. ':fbt', '-inf', now)
@@ -97,6 +98,32 @@ local function block_floor(B, now)
   local low = redis.call('ZRANGE', B .. ':fb', 0, 0, 'WITHSCORES')
   if #low == 0 then return nil end
   return tonumber(low[2])
+end
+
+-- Whether an item of nb bytes fits now. A fanout stream first drops its oldest entries
+-- that no `block` consumer still needs (with delete false, only counts them: ROOM).
+-- Returns fits and the new held, bytes, first, floor_known, floor.
+local function make_room(B, nb, size, maxb, queue, now, delete,
+                         held, bytes, first, floor_known, floor)
+  local fits = held == 0 or (held + 1 <= size and bytes + nb <= maxb)
+  if fits or queue then return fits, held, bytes, first, floor_known, floor end
+  if not floor_known then
+    floor = block_floor(B, now)
+    floor_known = true
+  end
+  while held > 0 and (held + 1 > size or bytes + nb > maxb) do
+    if floor and first >= floor then break end
+    local old = redis.call('HGET', B .. ':sz', first)
+    if delete then
+      redis.call('XDEL', B .. ':x', first .. '-1')
+      redis.call('HDEL', B .. ':sz', first)
+    end
+    bytes = bytes - tonumber(old or '0')
+    held = held - 1
+    first = first + 1
+  end
+  fits = held == 0 or (held + 1 <= size and bytes + nb <= maxb)
+  return fits, held, bytes, first, floor_known, floor
 end
 """
 
@@ -143,23 +170,9 @@ for i = 0, n - 1 do
     end
   end
   if not skip then
-    local fits = held == 0 or (held + 1 <= size and bytes + nb <= maxb)
-    if not fits and not queue then
-      if not floor_known then
-        floor = block_floor(B, ARGV[3])
-        floor_known = true
-      end
-      while held > 0 and (held + 1 > size or bytes + nb > maxb) do
-        if floor and first >= floor then break end
-        local old = redis.call('HGET', B .. ':sz', first)
-        redis.call('XDEL', B .. ':x', first .. '-1')
-        redis.call('HDEL', B .. ':sz', first)
-        bytes = bytes - tonumber(old or '0')
-        held = held - 1
-        first = first + 1
-      end
-      fits = held == 0 or (held + 1 <= size and bytes + nb <= maxb)
-    end
+    local fits
+    fits, held, bytes, first, floor_known, floor = make_room(
+      B, nb, size, maxb, queue, ARGV[3], true, held, bytes, first, floor_known, floor)
     if not fits then
       status, index = 'full', i
       break
@@ -255,23 +268,9 @@ local placed, status, index = 0, 'ok', 0
 local floor_known, floor = false, nil
 for i = 0, n - 1 do
   local nb = tonumber(ARGV[12 + i * 2])
-  local fits = held == 0 or (held + 1 <= size and bytes + nb <= maxb)
-  if not fits and not queue then
-    if not floor_known then
-      floor = block_floor(B, ARGV[3])
-      floor_known = true
-    end
-    while held > 0 and (held + 1 > size or bytes + nb > maxb) do
-      if floor and first >= floor then break end
-      local old = redis.call('HGET', B .. ':sz', first)
-      redis.call('XDEL', x, first .. '-1')
-      redis.call('HDEL', B .. ':sz', first)
-      bytes = bytes - tonumber(old or '0')
-      held = held - 1
-      first = first + 1
-    end
-    fits = held == 0 or (held + 1 <= size and bytes + nb <= maxb)
-  end
+  local fits
+  fits, held, bytes, first, floor_known, floor = make_room(
+    B, nb, size, maxb, queue, ARGV[3], true, held, bytes, first, floor_known, floor)
   if not fits then
     status, index = 'full', i
     break
@@ -314,20 +313,9 @@ local floor_known, floor = false, nil
 local count = 0
 for i = 5, #ARGV do
   local nb = tonumber(ARGV[i])
-  local fits = held == 0 or (held + 1 <= size and bytes + nb <= maxb)
-  if not fits and not queue then
-    if not floor_known then
-      floor = block_floor(B, ARGV[1])
-      floor_known = true
-    end
-    while held > 0 and (held + 1 > size or bytes + nb > maxb) do
-      if floor and first >= floor then break end
-      bytes = bytes - tonumber(redis.call('HGET', B .. ':sz', first) or '0')
-      held = held - 1
-      first = first + 1
-    end
-    fits = held == 0 or (held + 1 <= size and bytes + nb <= maxb)
-  end
+  local fits
+  fits, held, bytes, first, floor_known, floor = make_room(
+    B, nb, size, maxb, queue, ARGV[1], false, held, bytes, first, floor_known, floor)
   if not fits then break end
   held = held + 1
   bytes = bytes + nb

@@ -427,6 +427,80 @@ def test_producer_retries_are_idempotent(server, http):
     assert info["produced"] == 6  # 0..4 of cam, 0 of lidar: nothing twice
 
 
+def test_a_long_producer_upload_into_a_small_stream_keeps_its_numbering(server, http):
+    """Thousands of small frames in one body (offered to the stream in pieces while a
+    reader makes room): duplicates skipped and a gap refused at the right frame, however
+    the body is cut into pieces."""
+    assert http.put("/streams/long", json={"size": 100}).status_code == 201
+    got: list[int] = []
+
+    def read() -> None:
+        with contextlib.suppress(httpx.HTTPError):  # (cut at teardown if the test failed)
+            text = httpx.get(
+                f"{server.url}/streams/long", params={"format": "ndjson"}, timeout=60
+            ).text
+            frames = [json.loads(line) for line in text.splitlines()]
+            got.extend(f["data"][0] for f in frames if f["kind"] == "data")
+
+    reader = threading.Thread(target=read)
+    reader.start()
+
+    def body(seqs):
+        return b"".join(encode_frame(DataFrame(s, np.array([s], np.int64))) for s in seqs)
+
+    first = http.post("/streams/long", params={"producer": "imu"}, content=body(range(1500)))
+    assert first.json()["expected_seq"] == 1500, first.text
+    # a retry from 1000 on, then a gap at frame 2600 (seq 3100 where 3000 is expected)
+    seqs = [*range(1000, 3000), *range(3100, 3200)]
+    again = http.post("/streams/long", params={"producer": "imu"}, content=body(seqs))
+    assert again.status_code == 409, again.text
+    answer = again.json()
+    assert answer["frame_index"] == 2000 and answer["expected_seq"] == 3000
+    assert answer["duplicates"] == 500 and answer["accepted"] == 2000
+    end = http.post("/streams/long", content=encode_frame(EndFrame(seq=0)))
+    assert end.status_code == 200, end.text
+    reader.join(60)
+    assert got == list(range(3000))
+
+
+def test_a_batched_producer_upload_into_a_small_stream_keeps_its_numbering(server, http):
+    """Frames of 10 rows into a 25-item stream, a retry that starts inside a frame the
+    relay already has part of, then a gap: every row once, in order, the gap named."""
+    assert http.put("/streams/rows", json={"size": 25}).status_code == 201
+    got: list[int] = []
+
+    def read() -> None:
+        with contextlib.suppress(httpx.HTTPError):  # (cut at teardown if the test failed)
+            text = httpx.get(
+                f"{server.url}/streams/rows", params={"format": "ndjson"}, timeout=60
+            ).text
+            frames = [json.loads(line) for line in text.splitlines()]
+            got.extend(f["data"][0] for f in frames if f["kind"] == "data")
+
+    reader = threading.Thread(target=read)
+    reader.start()
+
+    def body(firsts):
+        return b"".join(
+            encode_frame(DataFrame(f, np.arange(f, f + 10, dtype=np.int64).reshape(10, 1), 10))
+            for f in firsts
+        )
+
+    params = {"producer": "lidar"}
+    first = http.post("/streams/rows", params=params, content=body(range(0, 300, 10)))
+    assert first.json()["expected_seq"] == 300, first.text
+    # from 295 (inside the last frame sent), then a gap: 700 where 605 is expected
+    again = http.post("/streams/rows", params=params, content=body([*range(295, 600, 10), 700]))
+    assert again.status_code == 409, again.text
+    answer = again.json()
+    assert answer["expected_seq"] == 605 and answer["frame_index"] == 31
+    assert answer["duplicates"] == 5
+    end = http.post("/streams/rows", content=encode_frame(EndFrame(seq=0)))
+    assert end.status_code == 200, end.text
+    reader.join(60)
+    assert got == list(range(605))
+
+
 def test_producer_end_frame_retry_says_where_it_stands(server, http):
     r = http.post("/streams/pe", params={"producer": "x"}, content=frames_of(0, 1))
     assert r.status_code == 200

@@ -125,6 +125,20 @@ def _item(fields: dict[bytes, bytes]) -> tuple[Any, int]:
     return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(dims), len(data)
 
 
+def _unsent_pairs(pairs: Sequence[tuple[int, Any]], done: int) -> list[tuple[int, Any]]:
+    """`pairs` (items or `Block`s of rows, with producer seqs) without their first `done`
+    rows: what an upload still has to offer, in the caller's own terms."""
+    for i, (pseq, item) in enumerate(pairs):
+        n = len(item.array) if type(item) is Block else 1
+        if done < n:
+            if done:  # part of a block went in
+                item = Block(item.array[done:])
+                pseq = pseq + done if pseq >= 0 else pseq
+            return [(pseq, item), *pairs[i + 1 :]]
+        done -= n
+    return []
+
+
 def _rows(items: Sequence[Any]) -> list[Any]:
     """Items with every `Block` split into its rows (Redis keeps one entry per item)."""
     out: list[Any] = []
@@ -228,7 +242,8 @@ class RedisStream(SchemaCheck):
             else:
                 rows.append((pseq, item))
         try:
-            return await self._offer(producer, claim, rows)
+            rest, fut, dups = await self._offer(producer, claim, rows)
+            return _unsent_pairs(pairs, len(rows) - len(rest)), fut, dups
         except SeqGap as gap:  # name the index in `pairs`, not in the rows
             index, k = 0, gap.index  # type: ignore[attr-defined]
             for i, (_, item) in enumerate(pairs):
@@ -320,11 +335,8 @@ class RedisStream(SchemaCheck):
                 raise gap
             if status == "full":
                 self._full = True
-                i += int(index)
-                rest = rows[i:]
-                if producer:
-                    rest = [(int(expected) + k, item) for k, (_, item) in enumerate(rest)]
-                return self._wait_room(rest, version, dups)
+                i += int(index)  # (the rows left keep their own seqs: a gap stays one)
+                return self._wait_room(rows[i:], version, dups)
             i += n
         return [], None, dups
 

@@ -97,6 +97,10 @@ class UploadResponse(Response):
         At most one body message is read ahead (kept for the upload loop), so a
         waiting upload holds no more than that in memory.
         """
+        for start in range(0, max(len(items), 1), _OFFER_ITEMS):  # (an empty one too)
+            await self._put_some(items[start : start + _OFFER_ITEMS], receive)
+
+    async def _put_some(self, items: list[Any], receive: Receive) -> None:
         rest, room = await self._offer(items)
         while room is not None:
             try:
@@ -142,9 +146,9 @@ class UploadResponse(Response):
         try:
             more = True
             while more:
-                if pending:
-                    await self._put(pending, receive)
-                    pending = []
+                if pending:  # (emptied first: a refusal while putting keeps what was put)
+                    batch, pending = pending, []
+                    await self._put(batch, receive)
                 message = await self._receive_body(receive)
                 if message["type"] == "http.disconnect":
                     log.info(
@@ -173,16 +177,16 @@ class UploadResponse(Response):
                             pending.append(item)
                         items += 1 if frame.count is None else frame.count
                     elif isinstance(frame, EndFrame | ErrorFrame):
-                        await self._put(pending, receive)
-                        pending = []
+                        batch, pending = pending, []
+                        await self._put(batch, receive)
                         await stream.afinish(frame)
                         finished = True
                     else:
                         continue  # heartbeat
                     accepted += 1
                     self._accepted = accepted
-            await self._put(pending, receive)
-            pending = []
+            batch, pending = pending, []
+            await self._put(batch, receive)
             decoder.feed_eof()
         except (ProtocolError, _Refused) as exc:
             # the frames accepted before the bad one are kept
@@ -287,6 +291,12 @@ def _frames_of(decoder: FrameDecoder, pieces: Any) -> Any:
     for piece in pieces:
         decoder.feed(piece)
         yield from decoder.frames()
+
+
+#: Items offered to the stream at a time: what a full stream leaves over is handed back
+#: as a new list, so a body message of many small items (the read-ahead holds up to
+#: 4 MiB) is offered in pieces, not copied whole at every wait for room.
+_OFFER_ITEMS = 1024
 
 
 class _Idle(Exception):

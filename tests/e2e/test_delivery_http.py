@@ -427,22 +427,21 @@ def test_producer_retries_are_idempotent(server, http):
     assert info["produced"] == 6  # 0..4 of cam, 0 of lidar: nothing twice
 
 
+def _read_values(url: str, name: str, into: list[int]) -> None:
+    """Read a stream of one-value arrays to its end, into `into` (a reader thread)."""
+    with contextlib.suppress(httpx.HTTPError):  # (cut at teardown if the test failed)
+        text = httpx.get(f"{url}/streams/{name}", params={"format": "ndjson"}, timeout=60).text
+        frames = [json.loads(line) for line in text.splitlines()]
+        into.extend(f["data"][0] for f in frames if f["kind"] == "data")
+
+
 def test_a_long_producer_upload_into_a_small_stream_keeps_its_numbering(server, http):
     """Thousands of small frames in one body (offered to the stream in pieces while a
     reader makes room): duplicates skipped and a gap refused at the right frame, however
     the body is cut into pieces."""
     assert http.put("/streams/long", json={"size": 100}).status_code == 201
     got: list[int] = []
-
-    def read() -> None:
-        with contextlib.suppress(httpx.HTTPError):  # (cut at teardown if the test failed)
-            text = httpx.get(
-                f"{server.url}/streams/long", params={"format": "ndjson"}, timeout=60
-            ).text
-            frames = [json.loads(line) for line in text.splitlines()]
-            got.extend(f["data"][0] for f in frames if f["kind"] == "data")
-
-    reader = threading.Thread(target=read)
+    reader = threading.Thread(target=_read_values, args=(server.url, "long", got))
     reader.start()
 
     def body(seqs):
@@ -468,16 +467,7 @@ def test_a_batched_producer_upload_into_a_small_stream_keeps_its_numbering(serve
     relay already has part of, then a gap: every row once, in order, the gap named."""
     assert http.put("/streams/rows", json={"size": 25}).status_code == 201
     got: list[int] = []
-
-    def read() -> None:
-        with contextlib.suppress(httpx.HTTPError):  # (cut at teardown if the test failed)
-            text = httpx.get(
-                f"{server.url}/streams/rows", params={"format": "ndjson"}, timeout=60
-            ).text
-            frames = [json.loads(line) for line in text.splitlines()]
-            got.extend(f["data"][0] for f in frames if f["kind"] == "data")
-
-    reader = threading.Thread(target=read)
+    reader = threading.Thread(target=_read_values, args=(server.url, "rows", got))
     reader.start()
 
     def body(firsts):

@@ -28,56 +28,9 @@ started=$SECONDS
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 
-fail() { printf '\nsmoke.sh: FAIL: %s\n' "$*" >&2; exit 1; }
-step() { printf '\n== %s\n' "$*"; }
-ok() { printf 'ok: %s\n' "$*"; }
-
-plan=0
-case "${1:-}" in
-    --plan) plan=1 ;;
-    "") ;;
-    *) fail "unknown argument $1 (usage: docker/smoke.sh [--plan])" ;;
-esac
-
-# This project's own machines reach no container registry: a prepare script makes
-# podman and a local base image. Anywhere else the base image is pulled as usual.
-prepare=${NDRELAY_SMOKE_PREPARE:-$repo/../shared/container/prepare.sh}
-prepared=0
-PODMAN_BUILD_SECRET=
-if [ -f "$prepare" ]; then
-    exports=$(bash "$prepare") || fail "$prepare failed"
-    eval "$exports"
-    prepared=1
-fi
-BASE_IMAGE=${BASE_IMAGE:-python:3.12-slim}
-
-engine=${NDRELAY_SMOKE_ENGINE:-}
-if [ -z "$engine" ]; then
-    if [ "$prepared" = 1 ] && command -v podman >/dev/null; then
-        engine=podman
-    elif command -v docker >/dev/null && docker info >/dev/null 2>&1; then
-        engine=docker
-    elif command -v podman >/dev/null; then
-        engine=podman
-    else
-        fail "no container engine: install Docker (and start its daemon) or podman"
-    fi
-fi
-case "$engine" in
-    docker | podman) command -v "$engine" >/dev/null || fail "$engine is not installed" ;;
-    *) fail "NDRELAY_SMOKE_ENGINE must be docker or podman, not '$engine'" ;;
-esac
-if [ "$engine" = podman ]; then
-    command -v podman-compose >/dev/null || fail "podman-compose is not installed (pip install podman-compose)"
-    compose_cmd=(podman-compose)
-elif docker compose version >/dev/null 2>&1; then
-    compose_cmd=(docker compose)
-elif command -v docker-compose >/dev/null; then
-    compose_cmd=(docker-compose)
-else
-    fail "neither 'docker compose' nor docker-compose is installed"
-fi
-command -v curl >/dev/null || fail "curl is not installed"
+smoke_name=smoke.sh
+# shellcheck source=docker/_smoke_common.sh
+source "$repo/docker/_smoke_common.sh"
 # build options: docker writes the docker image format (HEALTHCHECK kept) by itself
 build_opts=()
 [ "$engine" = podman ] && build_opts+=(--format docker)

@@ -15,6 +15,8 @@ from ._budget import MemoryBudget
 
 __all__ = [
     "CONSUMER_PATTERN",
+    "check_consumer_args",
+    "check_id",
     "NAME_PATTERN",
     "POLICIES",
     "Consumer",
@@ -43,6 +45,26 @@ def check_name(name: str) -> str:
             "A-Z a-z 0-9 . _ -, starting with a letter or digit"
         )
     return name
+
+
+def check_id(kind: str, value: str) -> None:
+    """`ValueError` unless `value` is a valid consumer or producer id (`kind` says which)."""
+    if not CONSUMER_PATTERN.fullmatch(value):
+        raise ValueError(f"invalid {kind} id {value[:80]!r}: use 1-64 of A-Z a-z 0-9 . _ -")
+
+
+def check_consumer_args(
+    policy: str, consumer: str | None, after: int | None, lease: float | None
+) -> None:
+    """`ValueError` naming the first bad argument of `open_consumer` (any backend)."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+    if consumer is not None:
+        check_id("consumer", consumer)
+    if lease is not None and not (0 <= lease <= 86400):
+        raise ValueError(f"lease must be from 0 to 86400 seconds, got {lease!r}")
+    if after is not None and after < -1:
+        raise ValueError(f"after must be a seq (-1 or more), got {after!r}")
 
 
 @dataclass(frozen=True)

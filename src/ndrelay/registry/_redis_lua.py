@@ -340,14 +340,18 @@ redis.call('PUBLISH', ARGV[2], ARGV[3] .. ':s')
 return {'ok', term}
 """
 
-# Queue consumers. ARGV: consumer, token, ttl_ms, channel, inc.
-# Returns {status, pending seqs in delivery order...}
-OPEN = """
+_INCR = """
 -- HINCRBY, but never of 0 (Lua writes -0 as "-0", which HINCRBY refuses)
 local function incr(key, field, n)
   if n ~= 0 then redis.call('HINCRBY', key, field, n) end
 end
+"""
 
+# Queue consumers. ARGV: consumer, token, ttl_ms, channel, inc.
+# Returns {status, pending seqs in delivery order...}
+OPEN = (
+    _INCR
+    + """
 local B = KEYS[1]
 local m = B .. ':m'
 local st = redis.call('HMGET', m, 'aborted', 'next')
@@ -364,14 +368,12 @@ for _, s in ipairs(redis.call('ZRANGE', B .. ':p:' .. ARGV[1], 0, -1)) do
 end
 return out
 """
+)
 
 # ARGV: consumer ('' for fanout), token, lease_ms, channel, inc, fanout ('1'/'0')
-CLOSE = """
--- HINCRBY, but never of 0 (Lua writes -0 as "-0", which HINCRBY refuses)
-local function incr(key, field, n)
-  if n ~= 0 then redis.call('HINCRBY', key, field, n) end
-end
-
+CLOSE = (
+    _INCR
+    + """
 local B = KEYS[1]
 local m = B .. ':m'
 if redis.call('EXISTS', m) == 1 then incr(m, 'consumers', -1) end
@@ -393,15 +395,13 @@ end
 redis.call('PUBLISH', ARGV[4], ARGV[5] .. ':d')
 return 1
 """
+)
 
 # Return the pending items of consumers whose connection key is gone (lease over, or
 # their replica died and stopped refreshing it). Needs B, m, group.
-_REAP = """
--- HINCRBY, but never of 0 (Lua writes -0 as "-0", which HINCRBY refuses)
-local function incr(key, field, n)
-  if n ~= 0 then redis.call('HINCRBY', key, field, n) end
-end
-
+_REAP = (
+    _INCR
+    + """
 local function reap(B, m, except)
   local back = 0
   for _, id in ipairs(redis.call('SMEMBERS', B .. ':cs')) do
@@ -442,6 +442,7 @@ local function leased(B, except)
   return false
 end
 """
+)
 
 # Queue take. ARGV: consumer, token, max_items, max_bytes, channel, inc
 # Returns {'items', nret, seqs...} | {'none'} | {'term', json} | {'closed', json}

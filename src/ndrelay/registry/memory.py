@@ -30,7 +30,7 @@ from .._exceptions import (
     StreamNotFound,
 )
 from .._frames import EndFrame, ErrorFrame, Frame
-from ._base import CONSUMER_PATTERN, POLICIES, StreamSpec, check_name
+from ._base import StreamSpec, check_consumer_args, check_id, check_name
 from ._block import Block
 from ._budget import MemoryBudget
 from ._delivery import ConsumerRecord, Entry, entry_count, split_entry
@@ -451,10 +451,7 @@ class MemoryStream(SchemaCheck):
     async def claim_producer(self, producer: str) -> tuple[int, int]:
         """Start an upload as `producer`: `(claim, next seq expected from it)`. A newer
         claim supersedes an older upload of the same id (a retry after a cut)."""
-        if not CONSUMER_PATTERN.fullmatch(producer):
-            raise ValueError(
-                f"invalid producer id {producer[:80]!r}: use 1-64 of A-Z a-z 0-9 . _ -"
-            )
+        check_id("producer", producer)
         with self._lock:
             # the newest claim last: the table forgets the producers not heard of longest
             claim = self._producer_claims.pop(producer, 0) + 1
@@ -560,16 +557,7 @@ class MemoryStream(SchemaCheck):
             auto_ack: acknowledge items once written to the connection (default: only
                 when the relay assigned the id, since such a reader cannot acknowledge).
         """
-        if policy not in POLICIES:
-            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
-        if consumer is not None and not CONSUMER_PATTERN.fullmatch(consumer):
-            raise ValueError(
-                f"invalid consumer id {consumer[:80]!r}: use 1-64 of A-Z a-z 0-9 . _ -"
-            )
-        if lease is not None and not (0 <= lease <= 86400):
-            raise ValueError(f"lease must be from 0 to 86400 seconds, got {lease!r}")
-        if after is not None and after < -1:
-            raise ValueError(f"after must be a seq (-1 or more), got {after!r}")
+        check_consumer_args(policy, consumer, after, lease)
         with self._lock:
             if consumer is None:
                 self._assigned += 1

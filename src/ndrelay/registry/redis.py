@@ -41,7 +41,13 @@ from .._exceptions import (
 )
 from .._frames import EndFrame, ErrorFrame, Frame
 from . import _redis_lua as lua
-from ._base import CONSUMER_PATTERN, POLICIES, ReplicaLeaving, StreamSpec, check_name
+from ._base import (
+    ReplicaLeaving,
+    StreamSpec,
+    check_consumer_args,
+    check_id,
+    check_name,
+)
 from ._block import Block
 from ._budget import MemoryBudget
 from ._schema import SchemaCheck
@@ -434,10 +440,7 @@ class RedisStream(SchemaCheck):
     # -- idempotent uploads ----------------------------------------------------------
 
     async def claim_producer(self, producer: str) -> tuple[int, int]:
-        if not CONSUMER_PATTERN.fullmatch(producer):
-            raise ValueError(
-                f"invalid producer id {producer[:80]!r}: use 1-64 of A-Z a-z 0-9 . _ -"
-            )
+        check_id("producer", producer)
         async with self._r.pipeline(transaction=True) as pipe:
             pipe.hincrby(self.base + ":claim", producer, 1)
             pipe.hget(self.base + ":prod", producer)
@@ -459,16 +462,7 @@ class RedisStream(SchemaCheck):
         lease: float | None = None,
         auto_ack: bool | None = None,
     ) -> RedisConsumer:
-        if policy not in POLICIES:
-            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
-        if consumer is not None and not CONSUMER_PATTERN.fullmatch(consumer):
-            raise ValueError(
-                f"invalid consumer id {consumer[:80]!r}: use 1-64 of A-Z a-z 0-9 . _ -"
-            )
-        if lease is not None and not (0 <= lease <= 86400):
-            raise ValueError(f"lease must be from 0 to 86400 seconds, got {lease!r}")
-        if after is not None and after < -1:
-            raise ValueError(f"after must be a seq (-1 or more), got {after!r}")
+        check_consumer_args(policy, consumer, after, lease)
         if consumer is None:
             consumer = f"c{secrets.token_hex(5)}"
             if auto_ack is None:

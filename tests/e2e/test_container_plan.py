@@ -17,7 +17,11 @@ pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "docker" / "smoke.sh"
 SMOKE_SCALE = REPO / "docker" / "smoke-scale.sh"
-PREPARE = REPO.parent / "shared" / "container" / "prepare.sh"
+# the build helper next to the repository, or where NDRELAY_SMOKE_PREPARE says (a clone
+# elsewhere on such a machine)
+PREPARE = Path(
+    os.environ.get("NDRELAY_SMOKE_PREPARE", REPO.parent / "shared" / "container" / "prepare.sh")
+)
 
 
 def plan(env: dict[str, str], script: Path = SMOKE) -> dict[str, str]:

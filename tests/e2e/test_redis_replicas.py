@@ -259,6 +259,57 @@ def test_a_delete_through_one_replica_ends_the_readers_of_the_other(replicas):
         assert cb.streams() == []
 
 
+def test_a_replica_killed_with_sigkill_stops_counting_its_producers_and_consumers(replicas):
+    """A's producer and consumers show in B's `info`; once A is SIGKILLed (no goodbye to
+    Redis) they stop counting within seconds, so the stream can expire again."""
+    a, b = replicas
+    release = threading.Event()
+    with RelayClient(a.url) as ca, RelayClient(b.url) as cb:
+        ca.create("q", size=8)
+        ca.create("fan", size=8, mode="fanout")
+
+        def body() -> Iterator[bytes]:
+            yield encode_frame(DataFrame(0, np.array([0], dtype=np.int64)))
+            release.wait(30)  # an upload held open on A until the test is done
+
+        def upload() -> None:
+            try:
+                httpx.post(f"{a.url}/streams/q", content=body(), timeout=30)
+            except httpx.HTTPError:
+                pass  # cut by the kill
+
+        def read(path: str) -> None:
+            try:
+                with httpx.stream("GET", f"{a.url}{path}", timeout=30) as r:
+                    for _ in r.iter_bytes():
+                        pass
+            except httpx.HTTPError:
+                pass  # cut by the kill
+
+        threads = [
+            threading.Thread(target=upload, daemon=True),
+            threading.Thread(target=read, args=("/streams/q?consumer=r1",), daemon=True),
+            threading.Thread(target=read, args=("/streams/fan",), daemon=True),
+        ]
+        for t in threads:
+            t.start()
+
+        def counts() -> tuple[int, int, int]:
+            q, fan = cb.info("q"), cb.info("fan")
+            return q["producers"], q["consumers"], fan["consumers"]
+
+        try:
+            assert wait_until(lambda: counts() == (1, 1, 1), 20), counts()
+            a.signal(signal.SIGKILL)
+            a.proc.wait(10)
+            assert wait_until(lambda: counts() == (0, 0, 0), 20), counts()
+        finally:
+            release.set()
+        for t in threads:
+            t.join(30)
+        assert not any(t.is_alive() for t in threads)
+
+
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
 def test_the_serving_replica_killed_loses_and_duplicates_nothing(replicas, balancer, capsys, how):
     """The consumer and the producer both go through nginx to replica A; A is killed

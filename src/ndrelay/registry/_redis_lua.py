@@ -16,6 +16,9 @@
 - `B:f:<id>` string: the token of fanout consumer `id`'s connection
 - `B:fb` zset token -> next seq of each fanout `block` consumer; `B:fbt` token -> deadline
 - `B:prod` hash producer -> next producer seq expected; `B:claim` producer -> newest claim
+- `B:n`  hash `<replica>:p` / `<replica>:c` -> that replica's producers / consumers now;
+  a replica counts while its key `ndrelay:alive:<replica>` lives (refreshed every second,
+  so a replica killed without a goodbye stops counting a few seconds later)
 
 Notifications go to the channel `ndrelay:n:<name>` as `<incarnation>:<what>`: `d` (data or
 a terminal frame), `s` (space), `x` (deleted, or a connection superseded).
@@ -27,6 +30,8 @@ __all__ = [
     "ACK",
     "CLOSE",
     "COMMIT",
+    "COUNT",
+    "COUNTS",
     "CREATE",
     "DELETE",
     "FINISH",
@@ -36,6 +41,29 @@ __all__ = [
     "ROOM",
     "TAKE",
 ]
+
+# ARGV: field (`<replica>:p` or `<replica>:c`), n. Counts this replica's producers or
+# consumers of a live stream up or down (a deleted stream's counts are gone with it).
+COUNT = """
+local m = KEYS[1] .. ':m'
+if redis.call('EXISTS', m) == 0 or redis.call('HGET', m, 'aborted') == '1' then return 0 end
+local v = redis.call('HINCRBY', KEYS[1] .. ':n', ARGV[1], ARGV[2])
+if v == 0 then redis.call('HDEL', KEYS[1] .. ':n', ARGV[1]) end
+return v
+"""
+
+# ARGV: the replicas' key prefix. Returns {producers, consumers} over live replicas.
+COUNTS = """
+local p, c = 0, 0
+local f = redis.call('HGETALL', KEYS[1] .. ':n')
+for i = 1, #f, 2 do
+  local replica, kind = string.match(f[i], '^(.*):(%a)$')
+  if replica and redis.call('EXISTS', ARGV[1] .. replica) == 1 then
+    if kind == 'p' then p = p + tonumber(f[i + 1]) else c = c + tonumber(f[i + 1]) end
+  end
+end
+return {p, c}
+"""
 
 # KEYS[1]: a connection key; ARGV: token, ttl_ms. Keeps it alive if it is still ours.
 REFRESH = """
@@ -56,7 +84,7 @@ redis.call('HSET', streams, ARGV[1], ARGV[3])
 redis.call('HSET', B .. ':m', 'spec', ARGV[2], 'next', 0, 'held', 0, 'pending', 0,
   'bytes', 0, 'first', 0, 'delivered', 0, 'ord', 0, 'created', ARGV[5],
   'produced_bytes', 0, 'consumed', 0, 'consumed_bytes', 0, 'acked', 0,
-  'redelivered', 0, 'dropped', 0, 'expired', 0, 'producers', 0, 'consumers', 0)
+  'redelivered', 0, 'dropped', 0, 'expired', 0)
 redis.call('XGROUP', 'CREATE', B .. ':x', 'g', '0', 'MKSTREAM')
 return {'created', ARGV[3]}
 """
@@ -80,7 +108,7 @@ for _, id in ipairs(redis.call('SMEMBERS', B .. ':cs')) do
   redis.call('DEL', B .. ':p:' .. id, B .. ':a:' .. id)
 end
 redis.call('DEL', B .. ':x', B .. ':sz', B .. ':ret', B .. ':cs', B .. ':fb', B .. ':fbt',
-  B .. ':prod', B .. ':claim')
+  B .. ':prod', B .. ':claim', B .. ':n')
 redis.call('PEXPIRE', m, 300000)
 redis.call('PUBLISH', ARGV[5], ARGV[2] .. ':x')
 return 1
@@ -349,9 +377,7 @@ end
 
 # Queue consumers. ARGV: consumer, token, ttl_ms, channel, inc.
 # Returns {status, pending seqs in delivery order...}
-OPEN = (
-    _INCR
-    + """
+OPEN = """
 local B = KEYS[1]
 local m = B .. ':m'
 local st = redis.call('HMGET', m, 'aborted', 'next')
@@ -360,7 +386,6 @@ local ckey = B .. ':c:' .. ARGV[1]
 local old = redis.call('GET', ckey)
 redis.call('SET', ckey, ARGV[2], 'PX', ARGV[3])
 redis.call('SADD', B .. ':cs', ARGV[1])
-incr(m, 'consumers', 1)
 if old and old ~= 'gone' then redis.call('PUBLISH', ARGV[4], ARGV[5] .. ':x') end
 local out = {'ok'}
 for _, s in ipairs(redis.call('ZRANGE', B .. ':p:' .. ARGV[1], 0, -1)) do
@@ -368,15 +393,10 @@ for _, s in ipairs(redis.call('ZRANGE', B .. ':p:' .. ARGV[1], 0, -1)) do
 end
 return out
 """
-)
 
 # ARGV: consumer ('' for fanout), token, lease_ms, channel, inc, fanout ('1'/'0')
-CLOSE = (
-    _INCR
-    + """
+CLOSE = """
 local B = KEYS[1]
-local m = B .. ':m'
-if redis.call('EXISTS', m) == 1 then incr(m, 'consumers', -1) end
 if ARGV[6] == '1' then
   redis.call('ZREM', B .. ':fb', ARGV[2])
   redis.call('ZREM', B .. ':fbt', ARGV[2])
@@ -395,7 +415,6 @@ end
 redis.call('PUBLISH', ARGV[4], ARGV[5] .. ':d')
 return 1
 """
-)
 
 # Return the pending items of consumers whose connection key is gone (lease over, or
 # their replica died and stopped refreshing it). Needs B, m, group.

@@ -391,16 +391,19 @@ class RedisStream(SchemaCheck):
         if _s(status) != "ok":
             raise self._closed_error(term)
 
+    async def count(self, kind: str, n: int) -> None:
+        """Count this replica's producers (`p`) or consumers (`c`) of the stream up or down
+        (`info` adds up the live replicas' counts)."""
+        await self._run(lua.COUNT, f"{self.registry.replica}:{kind}", n)
+
     @asynccontextmanager
     async def aproducing(self) -> AsyncIterator[None]:
-        key = self.base + ":m"
-        await self._r.hincrby(key, "producers", 1)
+        await self.count("p", 1)
         try:
             yield
         finally:
             try:
-                if await self._r.exists(key):
-                    await self._r.hincrby(key, "producers", -1)
+                await self.count("p", -1)
             except RedisError:
                 log.warning("stream %r: could not count a producer out", self.name)
 
@@ -423,17 +426,12 @@ class RedisStream(SchemaCheck):
 
     @contextmanager
     def producing(self) -> Iterator[None]:
-        key = self.base + ":m"
-
-        async def count(n: int) -> None:
-            await self._r.hincrby(key, "producers", n)
-
-        self.registry.call(count(1))
+        self.registry.call(self.count("p", 1))
         try:
             yield
         finally:
             try:
-                self.registry.call(count(-1))
+                self.registry.call(self.count("p", -1))
             except (RedisError, StreamClosed, RuntimeError):
                 pass
 
@@ -475,6 +473,8 @@ class RedisStream(SchemaCheck):
             if _s(out[0]) != "ok":
                 handle.closed = True
                 return handle  # its first take answers the terminal frame
+            await self.count("c", 1)
+            handle.counted = True
             pending = [int(s) for s in out[1:]]
             handle._high = max(pending, default=-1)
             if after is not None and after in pending:
@@ -485,9 +485,10 @@ class RedisStream(SchemaCheck):
             async with self._r.pipeline(transaction=True) as pipe:
                 pipe.hmget(key, "next", "first")
                 pipe.set(f"{self.base}:f:{consumer}", token, ex=86400)
-                pipe.hincrby(key, "consumers", 1)
                 pipe.publish(self.channel, f"{self.inc}:x")
                 (nxt, _), *_ = await pipe.execute()
+            await self.count("c", 1)
+            handle.counted = True
             handle.cursor = int(nxt or 0)
             if after is not None:
                 handle.cursor = min(after + 1, handle.cursor)
@@ -575,6 +576,7 @@ class RedisStream(SchemaCheck):
 
     async def ainfo(self) -> dict[str, Any]:
         fields = await self._r.hgetall(self.base + ":m")
+        producers, consumers = await self._run(lua.COUNTS, self.registry.alive_prefix)
         m = {_s(k): v for k, v in fields.items()}
         term = m.get("term")
         state = "open" if not term else "ended" if b'"end"' in term else "failed"
@@ -598,8 +600,8 @@ class RedisStream(SchemaCheck):
             "redelivered": n("redelivered"),
             "dropped": n("dropped"),
             "bytes": n("bytes"),
-            "producers": max(0, n("producers")),
-            "consumers": max(0, n("consumers")),
+            "producers": max(0, int(producers)),
+            "consumers": max(0, int(consumers)),
         }
 
 
@@ -628,6 +630,7 @@ class RedisConsumer:
         self._seen = -1  # the data version when `atake` last found nothing
         self._ack: int | None = None  # auto-ack: written up to this seq, not acked yet
         self._high = -1  # queue: no seq above this was pending for this consumer (id)
+        self.counted = False  # counted in the stream's consumers (to count out on close)
 
     def _superseded(self) -> ErrorFrame:
         return ErrorFrame(
@@ -849,6 +852,12 @@ class RedisConsumer:
             )
         except RedisError as exc:
             log.warning("stream %r: consumer %r not closed in Redis: %s", s.name, self.id, exc)
+        if self.counted:
+            self.counted = False
+            try:
+                await s.count("c", -1)
+            except RedisError as exc:
+                log.warning("stream %r: consumer %r not counted out: %s", s.name, self.id, exc)
 
 
 class RedisRegistry:
@@ -885,6 +894,9 @@ class RedisRegistry:
         self._shas: dict[str, str] = {}
         self._calls: set[concurrent.futures.Future[Any]] = set()  # of producer threads
         self._streams_key = f"{PREFIX}:streams"
+        #: this replica's id; its key `alive_prefix + replica` lives while it runs
+        self.replica = secrets.token_hex(6)
+        self.alive_prefix = f"{PREFIX}:alive:"
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -905,6 +917,7 @@ class RedisRegistry:
             return
         self._redis = self._client()
         await self._redis.ping()
+        await self._alive()
         self._loop = asyncio.get_running_loop()
         self._tasks = [
             asyncio.create_task(self._listen(), name="ndrelay-redis-notify"),
@@ -964,12 +977,18 @@ class RedisRegistry:
             stream._data.wake()
             stream._space.wake()
 
+    async def _alive(self) -> None:
+        """Say this replica lives for the next few seconds (its producer and consumer counts
+        stop counting when it stops saying so)."""
+        await self.redis.set(self.alive_prefix + self.replica, 1, px=int(REFRESH * 5000))
+
     async def _refresh(self) -> None:
-        """Every second: keep this replica's live connections' keys alive (a connection
-        superseded meanwhile leaves the newer one's key alone)."""
+        """Every second: keep this replica's key and its live connections' keys alive (a
+        connection superseded meanwhile leaves the newer one's key alone)."""
         while True:
             await asyncio.sleep(REFRESH)
             try:
+                await self._alive()
                 deadline = (time.time() + REFRESH * 5) * 1000
                 for c in list(self._consumers):
                     s = c.stream
@@ -1125,6 +1144,10 @@ class RedisRegistry:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._redis is not None:
+            try:  # gone: this replica's counts stop counting now, not in a few seconds
+                await self._redis.delete(self.alive_prefix + self.replica)
+            except RedisError:
+                pass
             await self._redis.aclose()
 
     def close(self, reason: str = "server shutting down") -> None:

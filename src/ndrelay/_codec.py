@@ -20,11 +20,12 @@ or reserve memory it never fills.
 
 from __future__ import annotations
 
+import copy
 import re
 import struct
 from collections import deque
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import msgpack
 import numpy as np
@@ -588,21 +589,30 @@ class FrameDecoder:
             RemoteProtocolError: the input stopped inside a frame (it was cut off).
         """
         if self._error is not None:
-            raise self._error
+            self._raise()
         if self.has_partial:
             self._fail(
                 RemoteProtocolError(
                     "input ended inside a frame (truncated)", frame_index=self.frame_index
                 )
             )
-            assert self._error is not None
-            raise self._error
+            self._raise()
 
     def _fail(self, error: ProtocolError) -> None:
         if self._error is None:
-            self._error = error
+            # kept without a traceback or context: their frames hold the input buffers
+            error.__context__ = error.__cause__ = None
+            self._error = error.with_traceback(None)
         self._payload = None
         self._partial = bytearray()
+        # the unpacker's buffer holds what was fed: swapped for one of a byte (never fed)
+        self._unpacker = msgpack.Unpacker(max_buffer_size=1)
+
+    def _raise(self) -> NoReturn:
+        """Raise the error the decoder failed with, as a copy: the traceback the raise
+        gathers (frames holding input) goes with the copy, not into the decoder."""
+        assert self._error is not None
+        raise copy.copy(self._error)
 
     # -- input ---------------------------------------------------------------------------
 
@@ -631,7 +641,7 @@ class FrameDecoder:
             RemoteProtocolError: the decoder already failed (the same error again).
         """
         if self._error is not None:
-            raise self._error
+            self._raise()
         view = memoryview(data)
         if view.ndim != 1 or view.itemsize != 1:
             view = view.cast("B")
@@ -790,14 +800,14 @@ class FrameDecoder:
         while ready:
             yield ready.popleft()
         if self._error is not None:
-            raise self._error
+            self._raise()
 
     def next_frame(self) -> Frame | None:
         """The next complete frame, or `None` if none is ready (raises on error)."""
         if self._ready:
             return self._ready.popleft()
         if self._error is not None:
-            raise self._error
+            self._raise()
         return None
 
     def _to_frame(self, obj: Any) -> Frame:

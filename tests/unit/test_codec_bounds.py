@@ -3,6 +3,7 @@ multiple of the frame's bytes, payload buffers within a step of the bytes receiv
 
 from __future__ import annotations
 
+import gc
 import tracemalloc
 from collections.abc import Iterator
 from typing import Any
@@ -308,3 +309,43 @@ def test_any_input_raises_only_protocol_errors_within_bounded_memory(
     frames, error, peak = decode(body, chunk)
     assert error is None or isinstance(error, RemoteProtocolError), repr(error)
     assert peak < 64 * len(body) + 2 * MiB
+
+
+@pytest.mark.parametrize("bad", ["malformed", "bad key", "too large"])
+def test_a_refused_body_is_freed_while_its_decoder_lives(bad):
+    """The error a decoder keeps (and raises again) holds no traceback: the frames that
+    fed it, and the body bytes they held, are freed at once, not by the cycle collector
+    (an upload handler keeps its decoder until it has answered)."""
+    decoder = FrameDecoder(max_frame_size=8 * MiB)
+    good = encode_frame(DataFrame(0, np.zeros(4)))
+    tail = {
+        "malformed": b"\xc1" * 64,  # a msgpack byte that is never valid
+        "bad key": pack({"kind": "data", "seq": "x", "dtype": "<f8", "shape": [1], "data": b"1"}),
+        "too large": encode_frame(DataFrame(1, np.zeros(2 * MiB))),
+    }[bad]
+
+    def feed_a_body() -> None:
+        body = bytearray(good * ((4 * MiB) // len(good)) + tail)  # a 4 MiB body message
+        try:
+            decoder.feed(body)
+            list(decoder.frames())
+        except RemoteProtocolError:
+            pass
+        for again in (lambda: decoder.feed(b"more"), decoder.feed_eof):
+            with pytest.raises(RemoteProtocolError):
+                again()
+
+    gc_was = gc.isenabled()
+    gc.disable()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        feed_a_body()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+        if gc_was:
+            gc.enable()
+    assert held < MiB, f"{held} bytes still held after the refusal"
+    with pytest.raises(RemoteProtocolError):
+        decoder.feed_eof()  # still failed, with the same error

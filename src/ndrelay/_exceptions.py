@@ -15,7 +15,7 @@ NDRelayError
 │  ├─ StreamClosed           409: upload to a finished stream; a stream deleted or shut down
 │  ├─ StreamConflict         409: create with a different definition
 │  ├─ SchemaMismatch         422: dtype/shape against the stream's declared schema
-│  ├─ ConsumerNotFound       409: an ack for a consumer id the stream does not know (.consumer)
+│  ├─ ConsumerNotFound       404: an ack for a consumer id the stream does not know (.consumer)
 │  ├─ AckConflict            409: an ack of a seq never delivered to that consumer (.seq)
 │  ├─ SeqGap                 409: a producer's frame skipped ahead (.expected_seq)
 │  ├─ RemoteError            an `error` frame arrived; also subclasses the matching builtin
@@ -189,11 +189,11 @@ class ConsumerNotFound(StreamError):
     Attributes:
         consumer: the consumer id.
 
-    Answered 409, not 404: the request's target (`/streams/{name}/ack`) exists; what
-    conflicts is the consumer its body names.
+    Answered 404, like a missing stream; the body's `error` (`ConsumerNotFound`, with
+    `consumer`) tells the two apart.
     """
 
-    status_hint = 409
+    status_hint = 404
 
     def __init__(
         self, message: str, *, consumer: str | None = None, stream_name: str | None = None

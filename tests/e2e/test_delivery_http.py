@@ -129,15 +129,17 @@ def test_named_consumer_items_stay_pending_until_acknowledged(server, http):
         reader.close()
 
 
-def test_ack_of_unknown_consumer_or_undelivered_seq_is_409(server, http):
+def test_ack_of_unknown_consumer_is_404_and_of_undelivered_seq_409(server, http):
     fill(http, "q", 6)
     a = Reader(f"{server.url}/streams/q", consumer="a")
     try:
         got = a.frames(6)
         assert len(got) == 6
         r = ack(http, "q", "nobody", 0)
-        assert r.status_code == 409
+        assert r.status_code == 404
         assert r.json()["error"] == "ConsumerNotFound" and r.json()["consumer"] == "nobody"
+        r = ack(http, "no-such-stream", "a", 0)
+        assert r.status_code == 404 and r.json()["error"] == "StreamNotFound"
         r = ack(http, "q", "a", 99)
         assert r.status_code == 409
         assert r.json()["error"] == "AckConflict" and r.json()["seq"] == 99
@@ -183,7 +185,8 @@ def test_release_gives_the_rest_back_at_once_in_seq_order(server, http):
     finally:
         b.close()
     # the released consumer is gone
-    assert ack(http, "q", "a", 2).status_code == 409
+    r = ack(http, "q", "a", 2)
+    assert r.status_code == 404 and r.json()["error"] == "ConsumerNotFound"
 
 
 def test_acks_stream_as_ndjson_lines_in_one_request(server, http):
@@ -297,8 +300,8 @@ def test_a_newer_connection_of_the_same_id_takes_over(server, http):
 
 
 def test_an_ack_racing_the_lease_counts_once(server, http):
-    """Either the ack wins (acknowledged, never redelivered) or the lease does (409, the
-    items redelivered): never both, never neither."""
+    """Either the ack wins (acknowledged, never redelivered) or the lease does (404, the
+    consumer is gone and its items redelivered): never both, never neither."""
     for attempt in range(6):
         name = f"race{attempt}"
         fill(http, name, 5)
@@ -312,7 +315,7 @@ def test_an_ack_racing_the_lease_counts_once(server, http):
                 assert r.json()["acked"] == 5
                 assert b.frames(1) == ["end"]
             else:
-                assert r.status_code == 409
+                assert r.status_code == 404 and r.json()["error"] == "ConsumerNotFound"
                 assert b.frames(5) == [(i, i) for i in range(5)]
                 assert ack(http, name, "b", 4).status_code == 200
                 assert b.frames(1) == ["end"]
@@ -359,7 +362,7 @@ def test_three_workers_with_early_exits_share_every_item_exactly_once(server, ht
             if items:
                 assert ack(http, "work", cid, upto, release=True).status_code == 200
             elif not finished:
-                assert ack(http, "work", cid, None, release=True).status_code in (200, 409)
+                assert ack(http, "work", cid, None, release=True).status_code in (200, 404)
         finally:
             r.close()
         assert worker < 2000

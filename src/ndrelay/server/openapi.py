@@ -187,11 +187,11 @@ upload_responses: dict[int | str, dict[str, Any]] = {
 ack_responses: dict[int | str, dict[str, Any]] = {
     200: {"description": "`{acked, released, pending, acks}`"},
     400: _error("a malformed acknowledgement"),
-    **_MISSING,
-    409: _error(
-        "a consumer the stream does not know (never connected, released, or its lease ran "
-        "out), a seq never delivered to it, or a fanout stream"
+    404: _error(
+        "no such stream (`StreamNotFound`), or a consumer the stream does not know "
+        "(`ConsumerNotFound`: never connected, released, or its lease ran out)"
     ),
+    409: _error("a seq never delivered to that consumer (`AckConflict`), or a fanout stream"),
     **_AUTH,
     **_ORIGIN,
     **_NAME,

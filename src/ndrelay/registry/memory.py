@@ -374,7 +374,7 @@ class MemoryStream(SchemaCheck):
             raise self._closed()
         if self._ticket is not None or len(self._staged) >= self._stage_items:
             return False
-        nbytes = item.array.nbytes if type(item) is Block else _nbytes(item)
+        nbytes = _nbytes(item)
         if self._staged and self._staged_bytes + nbytes > STAGE_BYTES:
             return False
         self._staged.append(item)
@@ -395,7 +395,7 @@ class MemoryStream(SchemaCheck):
                         self._staged_bytes -= item.array.nbytes - rest.array.nbytes
                     break
             staged.popleft()
-            self._staged_bytes -= item.array.nbytes if type(item) is Block else _nbytes(item)
+            self._staged_bytes -= _nbytes(item)
         self._data_waiters.wake()
 
     def _place_staged_arrays(self) -> None:
@@ -475,10 +475,7 @@ class MemoryStream(SchemaCheck):
         staged = self._staged
         while staged:
             item = staged.popleft()
-            if type(item) is Block:
-                n, nbytes = len(item.array), item.array.nbytes
-            else:
-                n, nbytes = 1, _nbytes(item)
+            n, nbytes = len(item.array) if type(item) is Block else 1, _nbytes(item)
             if self._budget is not None:
                 self._budget.add(nbytes)
             self._append(item, nbytes, n)
@@ -889,6 +886,9 @@ class MemoryStream(SchemaCheck):
 
 
 def _nbytes(item: Any) -> int:
+    """The payload bytes of an item: an array, a `Block` of rows, or bytes."""
+    if type(item) is Block:
+        return int(item.array.nbytes)
     return item.nbytes if isinstance(item, np.ndarray) else len(item)
 
 

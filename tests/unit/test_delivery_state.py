@@ -10,6 +10,7 @@ in the order put, and the end comes after every one of them.
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import numpy as np
 import pytest
@@ -330,7 +331,13 @@ def test_a_producer_threads_items_wait_beside_a_full_queue_and_go_in_as_room_is_
     stream.ack_now("a", got[2][0])  # room for 3: the acknowledgement moves 3 staged in
     assert [int(item[0]) for _, item in conn.take(8)] == [8, 9, 10]
     stream.put_blocking(np.full(1, 12, np.int32), timeout=0)  # behind the staged one
-    stream.finish_blocking(EndFrame(seq=0))  # the end goes after every staged item
+    # the end goes after every staged item, and waits for their room: never past `size`
+    ender = threading.Thread(target=stream.finish_blocking, args=(EndFrame(seq=0),))
+    ender.start()
+    ender.join(0.2)
+    assert ender.is_alive() and stream.info()["state"] == "open"
     stream.ack_now("a", got[-1][0])
+    ender.join(10)
+    assert not ender.is_alive()
     assert [int(item[0]) for _, item in conn.take(8)] == [11, 12]
     assert conn.take(8) == EndFrame(seq=13)

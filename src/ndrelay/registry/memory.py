@@ -469,8 +469,9 @@ class MemoryStream(SchemaCheck):
             self._wake_all()
 
     def _add_staged(self) -> None:
-        """Before the end: a producer thread's staged items go in even beyond the
-        bounds (lock held); they were handed over, and nothing comes after them."""
+        """Before an end not given by the producer thread itself (`finish_blocking` waits
+        for room instead): its staged items go in even beyond the bounds (lock held);
+        they were handed over, and nothing comes after them."""
         self._place_staged()
         staged = self._staged
         while staged:
@@ -535,6 +536,13 @@ class MemoryStream(SchemaCheck):
         self.finish(frame)
 
     def finish_blocking(self, frame: Frame) -> None:
+        """End the stream from a producer thread: its staged items go in first, as room
+        is made (so the end never takes the stream past its bounds), then the end."""
+        with self._lock:
+            while self._staged and self._terminal is None:
+                self._place_staged()
+                if self._staged:
+                    self._wait_space(1.0)
         self.finish(frame)
 
     @asynccontextmanager

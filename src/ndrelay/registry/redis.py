@@ -931,11 +931,10 @@ class RedisRegistry:
         return self._redis
 
     def _client(self) -> aioredis.Redis:
+        # (keepalive is a TCP option: redis-py's Unix socket connections refuse it)
+        keepalive = {} if self.url.startswith("unix://") else {"socket_keepalive": True}
         return aioredis.Redis.from_url(
-            self.url,
-            health_check_interval=10,
-            socket_keepalive=True,
-            socket_read_size=READ_SIZE,
+            self.url, health_check_interval=10, socket_read_size=READ_SIZE, **keepalive
         )
 
     async def start(self) -> None:

@@ -5,8 +5,9 @@ Python 3.11 asyncio's `writelines` joins a command, payload included, into one b
 object; replies go through a StreamReader buffer, then hiredis, then a bytes object per
 bulk string. `RespClient` runs a MULTI ... EXEC on connections of its own, with
 `sendmsg` of the commands' headers and the payloads' own memory (the kernel's copy is
-the only one), and reads a large bulk string's body with `recv_into` straight into a
-bytearray of its size (`ReplyReader`), which the array handed to the reader then wraps.
+the only one), and reads a large bulk string's body with `recv_into` straight into an
+uninitialised buffer of its size (`ReplyReader`; a bytearray would be zeroed first),
+which the array handed to the reader then wraps.
 
 Errors are redis-py's: error replies become the exceptions redis-py makes of them (in
 place, in EXEC's replies; an aborted EXEC raises the first queued command's error), a
@@ -25,13 +26,14 @@ import socket
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 from redis._parsers.base import BaseParser
 from redis.asyncio.connection import Connection, UnixDomainSocketConnection
 from redis.exceptions import ConnectionError as RedisConnectionError, ExecAbortError
 
 __all__ = ["ReplyReader", "RespClient", "encode"]
 
-#: bulk strings at least this long are read straight into a bytearray of their own
+#: bulk strings at least this long are read straight into a buffer of their own
 DIRECT_MIN = 64 * 1024
 #: arguments at least this long are sent from their own memory, not copied into a header
 BIG_ARG = 16 * 1024
@@ -80,11 +82,12 @@ def encode(commands: Iterable[Sequence[Any]]) -> list[bytes | memoryview]:
 class ReplyReader:
     """RESP2 replies parsed from bytes written into the buffers it hands out.
 
-    `get_buffer()` answers where the next bytes go: a large bulk string's own bytearray
+    `get_buffer()` answers where the next bytes go: a large bulk string's own buffer
     while its body arrives, else the tail of a scratch buffer; after writing `n` bytes
     there, `buffer_updated(n)`. Complete replies collect in `replies`: bytes (simple and
-    small bulk strings), bytearray (bulk strings of `direct_min` bytes or more), int,
-    None (nil), lists, and redis-py's exception for each error reply (not raised).
+    small bulk strings), a uint8 numpy array (bulk strings of `direct_min` bytes or
+    more), int, None (nil), lists, and redis-py's exception for each error reply (not
+    raised).
     """
 
     def __init__(self, scratch: int = 64 * 1024, direct_min: int = DIRECT_MIN) -> None:
@@ -93,14 +96,14 @@ class ReplyReader:
         self._start = 0  # first byte not parsed yet
         self._end = 0  # end of the bytes received into the scratch buffer
         self._direct_min = direct_min
-        self._bulk: bytearray | None = None  # a large bulk string's body, being read
+        self._bulk: np.ndarray[Any, np.dtype[np.uint8]] | None = None  # a large bulk
         self._got = 0  # bytes of `_bulk` received
         self._skip = 0  # bytes to drop before parsing on (a large bulk's CRLF)
         self._open: list[tuple[list[Any], int]] = []  # arrays being filled, and sizes
 
     def get_buffer(self) -> memoryview:
         if self._bulk is not None:
-            return memoryview(self._bulk)[self._got :]
+            return self._bulk.data[self._got :]
         if self._end == len(self._buf):
             if self._start:  # move what is left to the front
                 rest = self._end - self._start
@@ -163,7 +166,7 @@ class ReplyReader:
                         value = bytes(buf[body : body + n])
                         self._start = body + n + 2
                     elif n >= self._direct_min:
-                        bulk = bytearray(n)
+                        bulk = np.empty(n, dtype=np.uint8)
                         k = min(have, n)
                         bulk[:k] = buf[body : body + k]
                         self._start = body + k

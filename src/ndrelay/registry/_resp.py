@@ -34,7 +34,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError, ExecAbortE
 __all__ = ["ReplyReader", "RespClient", "encode"]
 
 #: bulk strings at least this long are read straight into a buffer of their own
-DIRECT_MIN = 64 * 1024
+DIRECT_MIN = 256 * 1024
 #: arguments at least this long are sent from their own memory, not copied into a header
 BIG_ARG = 16 * 1024
 #: most buffers one sendmsg takes (Linux IOV_MAX is 1024)
@@ -90,7 +90,7 @@ class ReplyReader:
     raised).
     """
 
-    def __init__(self, scratch: int = 64 * 1024, direct_min: int = DIRECT_MIN) -> None:
+    def __init__(self, scratch: int = DIRECT_MIN, direct_min: int = DIRECT_MIN) -> None:
         self.replies: collections.deque[Any] = collections.deque()
         self._buf = bytearray(max(16, scratch))
         self._start = 0  # first byte not parsed yet

@@ -31,14 +31,14 @@ from redis._parsers.base import BaseParser
 from redis.asyncio.connection import Connection, UnixDomainSocketConnection
 from redis.exceptions import ConnectionError as RedisConnectionError, ExecAbortError
 
+from .._vectored import IOV_MAX, drop_sent
+
 __all__ = ["ReplyReader", "RespClient", "encode"]
 
 #: bulk strings at least this long are read straight into a buffer of their own
 DIRECT_MIN = 256 * 1024
 #: arguments at least this long are sent from their own memory, not copied into a header
 BIG_ARG = 16 * 1024
-#: most buffers one sendmsg takes (Linux IOV_MAX is 1024)
-_IOV_MAX = 1024
 #: idle connections kept for the next transaction
 _IDLE = 8
 _CRLF = b"\r\n"
@@ -212,19 +212,12 @@ class _Connection:
         sock = self.sock
         while views:
             try:
-                sent = sock.sendmsg(views[:_IOV_MAX])
+                sent = sock.sendmsg(views[:IOV_MAX])
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as exc:
                 raise RedisConnectionError(f"Error writing to Redis: {exc}") from exc
-            while sent:
-                n = len(views[0])
-                if sent >= n:
-                    sent -= n
-                    views.pop(0)
-                else:
-                    views[0] = views[0][sent:]
-                    sent = 0
+            drop_sent(views, sent)
             if views:
                 waiter: asyncio.Future[None] = loop.create_future()
 

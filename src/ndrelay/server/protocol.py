@@ -39,6 +39,8 @@ import uvicorn
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
+from .._vectored import IOV_MAX, drop_sent
+
 __all__ = [
     "EXTENSION",
     "RECEIVE_EXTENSION",
@@ -52,8 +54,6 @@ EXTENSION = "ndrelay.vectored_send"
 RECEIVE_EXTENSION = "ndrelay.receive_chunks"
 #: body bytes an upload may have waiting before the server stops reading its socket
 UPLOAD_READ_AHEAD = max(HIGH_WATER_LIMIT, 4 << 20)
-#: Most buffers one sendmsg takes (Linux IOV_MAX is 1024).
-_IOV_MAX = 1024
 #: Writes with no buffer this large go through uvicorn's send: joining small payloads
 #: costs less than waiting on a full socket, and a rest this small is copied into the
 #: transport's buffer rather than waited for.
@@ -224,20 +224,13 @@ class VectoredHttpProtocol(HttpToolsProtocol, asyncio.BufferedProtocol):
         assert sock is not None
         while views:
             try:
-                sent = sock.sendmsg(views[:_IOV_MAX])
+                sent = sock.sendmsg(views[:IOV_MAX])
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError:
                 self.transport.close()
                 return
-            while sent:
-                n = len(views[0])
-                if sent >= n:
-                    sent -= n
-                    views.pop(0)
-                else:
-                    views[0] = views[0][sent:]
-                    sent = 0
+            drop_sent(views, sent)
             if views:
                 if self.cycle.disconnected or self.transport.is_closing():
                     return

@@ -207,11 +207,29 @@ def test_a_lost_connection_raises_connection_error(redis_server: Any) -> None:
     async def main() -> None:
         client = _client(redis_server)
         try:
-            assert await client.transaction([("PING",)]) == [b"PONG"]
+            redis_server.command("CLIENT", "PAUSE", "3000", "WRITE")  # EXEC of a SET waits
+            writing = asyncio.create_task(client.transaction([("SET", "k", "v")]))
+            await asyncio.sleep(0.3)
+            assert not writing.done()
             redis_server.command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
             with pytest.raises(RedisConnectionError):
-                await client.transaction([("PING",)])
+                await writing
+            redis_server.command("CLIENT", "UNPAUSE")
             assert await client.transaction([("PING",)]) == [b"PONG"]  # a new connection
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_idle_connections_closed_by_redis_are_replaced_unseen(redis_server: Any) -> None:
+    async def main() -> None:
+        client = _client(redis_server)
+        try:
+            await asyncio.gather(*(client.transaction([("PING",)]) for _ in range(2)))
+            redis_server.command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+            for _ in range(3):  # as a restarted Redis would: no error for the caller
+                assert await client.transaction([("PING",)]) == [b"PONG"]
         finally:
             await client.aclose()
 

@@ -245,6 +245,17 @@ class _Connection:
             reader.buffer_updated(n)
         return [reader.replies.popleft() for _ in range(count)]
 
+    def alive(self) -> bool:
+        """Nothing to read on the idle connection: not closed by Redis, no stray bytes
+        (as redis-py checks a pooled connection before using it)."""
+        try:
+            self.sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False
+        return False  # end of file, or bytes no command asked for
+
     def close(self) -> None:
         self.sock.close()
 
@@ -354,7 +365,14 @@ class RespClient:
     async def _transaction(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         if self._closed:
             raise RedisConnectionError("the Redis connection is closed")
-        conn = self._idle.pop() if self._idle else await self._connect()
+        conn = None
+        while self._idle and conn is None:
+            conn = self._idle.pop()
+            if not conn.alive():  # Redis closed it meanwhile (restarted, say)
+                conn.close()
+                conn = None
+        if conn is None:
+            conn = await self._connect()
         self._busy.add(conn)
         ok = False
         try:

@@ -29,6 +29,10 @@ def _entry(target: str, q: Any, role: str, kwargs: dict[str, Any]) -> None:
     src = kwargs.pop("src", None)
     if src:  # another ndrelay source tree (the baseline): ahead of the installed one
         sys.path.insert(0, src)
+        # (and in programs this process runs, such as `ndrelay serve`)
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [src, os.environ.get("PYTHONPATH")])
+        )
 
     mod, _, fn = target.partition(":")
     child_main(getattr(importlib.import_module(mod), fn), q, role, kwargs)

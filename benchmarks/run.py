@@ -110,6 +110,8 @@ def workloads(quick: bool) -> dict[str, Workload]:
 
 #: Set by --baseline-src: another ndrelay source tree measured next to this one.
 BASELINE_SRC: list[str] = []
+#: ndrelay's modes on the Redis backend (this tree, and the --baseline-src tree)
+ON_REDIS = ("redis", "redis-base")
 
 
 def variants(wl: Workload) -> list[tuple[str, str]]:
@@ -127,13 +129,15 @@ def variants(wl: Workload) -> list[tuple[str, str]]:
     extra = [("ndrelay", "uds"), ("ndrelay", "async")] if wl.name == "W1" else []
     zenoh = [("zenoh", "tcp"), ("zenoh", "shm")]
     redis = [("redis", ""), ("ndrelay", "redis")]
+    if BASELINE_SRC:
+        redis.append(("ndrelay", "redis-base"))
     return [*raw, ("zmq", ""), ("flight", ""), *zenoh, ("ndrelay", ""), *extra, *redis, *base]
 
 
 def transport_of(tr: str, mode: str) -> str:
     """The `--transports` name that selects a variant: ndrelay on the Redis backend is
     `ndrelay-redis` (it needs redis-server and a Redis-capable ndrelay)."""
-    return "ndrelay-redis" if (tr, mode) == ("ndrelay", "redis") else tr
+    return "ndrelay-redis" if tr == "ndrelay" and mode in ON_REDIS else tr
 
 
 def applies(tr: str, mode: str, topo: str) -> bool:
@@ -141,7 +145,7 @@ def applies(tr: str, mode: str, topo: str) -> bool:
     relayed only (producer -> redis-server (and ndrelay) -> consumer)."""
     if tr == "zenoh":
         return topo == "served"
-    if tr == "redis" or (tr, mode) == ("ndrelay", "redis"):
+    if tr == "redis" or (tr == "ndrelay" and mode in ON_REDIS):
         return topo == "relayed"
     return True
 
@@ -188,6 +192,7 @@ LABEL = {
     ("ndrelay", "base"): "ndrelay before (baseline tree)",
     ("redis", ""): "redis-py XADD/XREADGROUP+XACK",
     ("ndrelay", "redis"): "**ndrelay on Redis**",
+    ("ndrelay", "redis-base"): "ndrelay on Redis before (baseline tree)",
 }
 
 
@@ -265,7 +270,7 @@ def _ndrelay_kw(mode: str, uds: str | None) -> dict[str, Any]:
     kw: dict[str, Any] = {}
     if mode == "uds":
         kw["uds"] = uds
-    if mode == "base":
+    if mode in ("base", "redis-base"):
         kw["src"] = BASELINE_SRC[0]
     return kw
 
@@ -349,8 +354,9 @@ def _start_pair(
         )
         h.wait("producer", "ready", timeout=60)  # the stream and its group exist
         return port
-    if (tr, mode) == ("ndrelay", "redis"):
-        port = _start_ndrelay_on_redis(h)
+    if tr == "ndrelay" and mode in ON_REDIS:
+        kw = _ndrelay_kw(mode, uds)
+        port = _start_ndrelay_on_redis(h, **kw)
         h.start(
             "producer",
             "peers.ndrelay_peer:producer",
@@ -360,6 +366,7 @@ def _start_pair(
             name=name,
             limit=limit,
             size=ndrelay_size(wl),
+            **kw,
         )
         return port
     if tr == "ndrelay":
@@ -421,13 +428,13 @@ def _wait_redis(port: int, timeout: float) -> None:
     raise ChildFailed(f"redis-server on port {port} not answering after {timeout:.0f}s: {last}")
 
 
-def _start_ndrelay_on_redis(h: Harness) -> int:
-    """A redis-server (role `redis`) and `ndrelay serve --backend` on it (role `server`);
-    the relay's port."""
+def _start_ndrelay_on_redis(h: Harness, **kw: Any) -> int:
+    """A redis-server (role `redis`) and `ndrelay serve --backend` on it (role `server`;
+    `src=` another ndrelay tree); the relay's port."""
     h.start("redis", "peers.redis_peer:redis_server")
     redis_port = int(h.wait("redis", "ready", timeout=60)["port"])
     _wait_redis(redis_port, 30)
-    h.start("server", "peers.redis_peer:ndrelay_server", redis_port=redis_port)
+    h.start("server", "peers.redis_peer:ndrelay_server", redis_port=redis_port, **kw)
     port = int(h.wait("server", "ready", timeout=90)["port"])
     _wait_http(port, 30)
     return port

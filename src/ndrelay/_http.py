@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 from ._codec import FrameDecoder
 from ._exceptions import ConnectError, NDRelayError, RelayTimeout, StreamInterrupted, TransportError
 from ._frames import Frame
+from ._vectored import drop_sent
 from ._version import __version__
 
 __all__ = ["Endpoint", "HTTPResponse", "open_request"]
@@ -352,13 +353,7 @@ class _Connection:
         views = [memoryview(b).cast("B") for b in buffers if len(b)]
         while views:
             sent = self.sock.sendmsg(views[:512])  # type: ignore[arg-type]  # never SSL here
-            while sent:
-                if sent >= len(views[0]):
-                    sent -= len(views[0])
-                    views.pop(0)
-                else:
-                    views[0] = views[0][sent:]
-                    sent = 0
+            drop_sent(views, sent)
 
     def close(self) -> None:
         try:

@@ -137,8 +137,9 @@ def _size(text: str | None, what: str) -> int | None:
 @click.option(
     "--backend",
     envvar="NDRELAY_BACKEND",
-    help="Where streams live: 'memory' (this process) or redis://host:port/db (shared by "
-    "every relay replica on that Redis; needs the 'redis' extra) [default: memory].",
+    help="Where streams live: 'memory' (this process) or redis://host:port/db, or "
+    "unix:///path/redis.sock?db=N (shared by every relay replica on that Redis; needs the "
+    "'redis' extra) [default: memory].",
 )
 @click.option(
     "--lease",

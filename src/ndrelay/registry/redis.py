@@ -50,6 +50,7 @@ from ._base import (
 )
 from ._block import Block
 from ._budget import MemoryBudget
+from ._resp import RespClient
 from ._schema import SchemaCheck
 
 __all__ = ["RedisConsumer", "RedisRegistry", "RedisStream"]
@@ -125,7 +126,7 @@ def _item(fields: dict[bytes, bytes]) -> tuple[Any, int]:
     """An entry's fields back as `(item, nbytes)`."""
     head, data = fields[b"h"], fields[b"d"]
     if head == b"b":
-        return data, len(data)
+        return bytes(data) if type(data) is not bytes else data, len(data)
     _, dtype, shape = head.decode().split(";")
     dims = tuple(int(n) for n in shape.split(",")) if shape else ()
     return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(dims), len(data)
@@ -365,14 +366,25 @@ class RedisStream(SchemaCheck):
         assert self._next is not None
         guess, x = self._next, self.base + ":x"
         args: list[Any] = [guess, len(chunk)]
-        async with self._r.pipeline(transaction=True) as pipe:
-            for k, (pseq, head, payload, nbytes) in enumerate(chunk):
-                pipe.xadd(x, {b"h": head, b"d": payload}, id=f"{guess + k}-1", nomkstream=True)
-                args += (pseq, nbytes)
-            # EVAL, not EVALSHA: a script missing from the cache would fail after the
-            # XADDs inside the MULTI
-            pipe.eval(lua.COMMIT, 1, self.base, *common, *args)
-            results = await pipe.execute(raise_on_error=False)
+        for pseq, _, _, nbytes in chunk:
+            args += (pseq, nbytes)
+        # EVAL, not EVALSHA: a script missing from the cache would fail after the XADDs
+        # inside the MULTI
+        commit = (lua.COMMIT, 1, self.base, *common, *args)
+        lean = self.registry.lean
+        if lean is not None:  # the payloads sent from their own memory
+            commands: list[tuple[Any, ...]] = [
+                ("XADD", x, "NOMKSTREAM", f"{guess + k}-1", b"h", head, b"d", payload)
+                for k, (_, head, payload, _) in enumerate(chunk)
+            ]
+            commands.append(("EVAL", *commit))
+            results = await lean.transaction(commands)
+        else:
+            async with self._r.pipeline(transaction=True) as pipe:
+                for k, (_, head, payload, _) in enumerate(chunk):
+                    pipe.xadd(x, {b"h": head, b"d": payload}, id=f"{guess + k}-1", nomkstream=True)
+                pipe.eval(*commit)
+                results = await pipe.execute(raise_on_error=False)
         got = results[-1]
         if isinstance(got, Exception):
             raise got
@@ -682,31 +694,43 @@ class RedisConsumer:
         # what TAKE just gave it (items given back by others below `_high`, rare, are
         # read after, with XRANGE).
         upto, self._ack = self._ack, None
-        async with s._r.pipeline(transaction=True) as pipe:
-            if upto is not None:
-                pipe.eval(lua.ACK, 1, s.base, *s._ack_args(self.id, upto, False))
-            pipe.eval(lua.TAKE, 1, s.base, *take)
-            pipe.xreadgroup(
-                "g",
-                self.id,
-                {s.base + ":x": f"{self._high}-1" if self._high >= 0 else "0-0"},
-                count=max_items,
-            )
-            results = await pipe.execute(raise_on_error=False)
+        commands: list[tuple[Any, ...]] = []
+        if upto is not None:
+            commands.append(("EVAL", lua.ACK, 1, s.base, *s._ack_args(self.id, upto, False)))
+        commands.append(("EVAL", lua.TAKE, 1, s.base, *take))
+        since = f"{self._high}-1" if self._high >= 0 else "0-0"
+        read_args = ("g", self.id, "COUNT", max_items, "STREAMS", s.base + ":x", since)
+        lean = s.registry.lean
+        fetched: dict[int, Any] = {}
+        if lean is not None:  # payloads read straight into buffers of their own
+            results = await lean.transaction([*commands, ("XREADGROUP", "GROUP", *read_args)])
+            read = results[-1]
+            if read and not isinstance(read, Exception):
+                for entry_id, flat in read[0][1]:
+                    if flat:
+                        fetched[int(entry_id.split(b"-")[0])] = dict(
+                            zip(flat[::2], flat[1::2], strict=True)
+                        )
+        else:
+            async with s._r.pipeline(transaction=True) as pipe:
+                for command in commands:
+                    pipe.eval(*command[1:])
+                pipe.xreadgroup("g", self.id, {s.base + ":x": since}, count=max_items)
+                results = await pipe.execute(raise_on_error=False)
+            read = results[-1]
+            if read and not isinstance(read, Exception):
+                for entry_id, fields in read[0][1]:
+                    if fields:
+                        fetched[int(entry_id.split(b"-")[0])] = fields
         if upto is not None:
             await self._settle(upto, results[0])
-        got, read = results[-2], results[-1]
+        got = results[-2]
         if isinstance(got, Exception):
             raise got
         status = _s(got[0])
         if status == "items":
             seqs = [int(x) for x in got[2:]]
             self._high = max(self._high, max(seqs))
-            fetched: dict[int, Any] = {}
-            if read and not isinstance(read, Exception):
-                for entry_id, fields in read[0][1]:
-                    if fields:
-                        fetched[int(entry_id.split(b"-")[0])] = fields
             missing = [seq for seq in seqs if seq not in fetched]
             if missing:
                 for seq, item, _ in await s._entries(missing):
@@ -886,6 +910,8 @@ class RedisRegistry:
         self.lease = lease
         self.leaving = False
         self._redis: aioredis.Redis | None = None
+        #: the append's and the take's transactions (None over TLS: redis-py's pipelines)
+        self.lean: RespClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = threading.Event()
         self._streams: dict[str, RedisStream] = {}  # by name: the incarnation seen last
@@ -905,11 +931,10 @@ class RedisRegistry:
         return self._redis
 
     def _client(self) -> aioredis.Redis:
+        # (keepalive is a TCP option: redis-py's Unix socket connections refuse it)
+        keepalive = {} if self.url.startswith("unix://") else {"socket_keepalive": True}
         return aioredis.Redis.from_url(
-            self.url,
-            health_check_interval=10,
-            socket_keepalive=True,
-            socket_read_size=READ_SIZE,
+            self.url, health_check_interval=10, socket_read_size=READ_SIZE, **keepalive
         )
 
     async def start(self) -> None:
@@ -918,6 +943,7 @@ class RedisRegistry:
         self._redis = self._client()
         await self._redis.ping()
         await self._alive()
+        self.lean = RespClient.of(self._redis)
         self._loop = asyncio.get_running_loop()
         self._tasks = [
             asyncio.create_task(self._listen(), name="ndrelay-redis-notify"),
@@ -1143,6 +1169,8 @@ class RedisRegistry:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.lean is not None:
+            await self.lean.aclose()
         if self._redis is not None:
             try:  # gone: this replica's counts stop counting now, not in a few seconds
                 await self._redis.delete(self.alive_prefix + self.replica)

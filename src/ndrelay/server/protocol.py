@@ -19,18 +19,27 @@ parser produced them, not joined) instead of `body`. Reading pauses while more t
 `UPLOAD_READ_AHEAD` bytes wait (uvicorn's own high-water mark is 64 KiB: an upload whose
 stream takes a round trip to store each message, as on Redis, then read about one recv
 per round trip, and never had a second frame to store in the same round trip).
+
+Reads: asyncio's transport allocates a fresh bytes object of up to 256 KiB for each
+`recv` (and the allocator's fresh pages fault in), and the HTTP parser copies the body
+pieces out of it anyway; `VectoredHttpProtocol` is an `asyncio.BufferedProtocol` whose
+`recv_into` fills one reused buffer per thread (the parser is done with it when
+`data_received` returns), so an upload's bytes land in warm memory.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 from collections.abc import Sequence
 from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+
+from .._vectored import IOV_MAX, drop_sent
 
 __all__ = [
     "EXTENSION",
@@ -45,13 +54,14 @@ EXTENSION = "ndrelay.vectored_send"
 RECEIVE_EXTENSION = "ndrelay.receive_chunks"
 #: body bytes an upload may have waiting before the server stops reading its socket
 UPLOAD_READ_AHEAD = max(HIGH_WATER_LIMIT, 4 << 20)
-#: Most buffers one sendmsg takes (Linux IOV_MAX is 1024).
-_IOV_MAX = 1024
 #: Writes with no buffer this large go through uvicorn's send: joining small payloads
 #: costs less than waiting on a full socket, and a rest this small is copied into the
 #: transport's buffer rather than waited for.
 _DIRECT_MIN = 64 * 1024
+#: bytes one socket read takes (asyncio's own reads take up to 256 KiB)
+_READ_SIZE = 256 * 1024
 _counted = [0]
+_reads = threading.local()  # this thread's read buffer (every read is parsed at once)
 
 
 def vectored_bytes() -> int:
@@ -141,13 +151,22 @@ class _Chunks:
         return {"type": "http.request", "chunks": self.take(), "more_body": cycle.more_body}
 
 
-class VectoredHttpProtocol(HttpToolsProtocol):
+class VectoredHttpProtocol(HttpToolsProtocol, asyncio.BufferedProtocol):
     """uvicorn's httptools protocol, offering `ndrelay.vectored_send` and
-    `ndrelay.receive_chunks` to each request."""
+    `ndrelay.receive_chunks` to each request, reading into a reused buffer."""
 
     _direct: socket.socket | None = None
     _writable: asyncio.Future[None] | None = None
     _chunks: _Chunks | None = None
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        view: memoryview | None = getattr(_reads, "view", None)
+        if view is None:
+            view = _reads.view = memoryview(bytearray(_READ_SIZE))
+        return view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(_reads.view[:nbytes])
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
@@ -205,20 +224,13 @@ class VectoredHttpProtocol(HttpToolsProtocol):
         assert sock is not None
         while views:
             try:
-                sent = sock.sendmsg(views[:_IOV_MAX])
+                sent = sock.sendmsg(views[:IOV_MAX])
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError:
                 self.transport.close()
                 return
-            while sent:
-                n = len(views[0])
-                if sent >= n:
-                    sent -= n
-                    views.pop(0)
-                else:
-                    views[0] = views[0][sent:]
-                    sent = 0
+            drop_sent(views, sent)
             if views:
                 if self.cycle.disconnected or self.transport.is_closing():
                     return

@@ -112,7 +112,8 @@ class Settings:
         sse_retry: seconds a browser's EventSource waits before it reconnects, sent as
             `retry:` at the start of every SSE response.
         backend: where streams live: `memory` (this process), or `redis://host:port/db`
-            (a Redis shared by every replica; the `redis` extra).
+            or `unix:///path/redis.sock?db=N` (a Redis shared by every replica; the
+            `redis` extra).
     """
 
     token: str | None = None

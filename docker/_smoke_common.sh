@@ -19,6 +19,13 @@ esac
 # This project's own machines reach no container registry: a prepare script makes
 # podman and a local base image. Anywhere else the base image is pulled as usual.
 prepare=${NDRELAY_SMOKE_PREPARE:-$repo/../shared/container/prepare.sh}
+if [ -z "${NDRELAY_SMOKE_PREPARE:-}" ] && [ ! -f "$prepare" ]; then
+    # a clone made elsewhere from a local repository: the script next to that one
+    origin=$(git -C "$repo" config --get remote.origin.url 2>/dev/null || true)
+    if [ -n "$origin" ] && [ -f "$origin/../shared/container/prepare.sh" ]; then
+        prepare=$origin/../shared/container/prepare.sh
+    fi
+fi
 prepared=0
 PODMAN_BUILD_SECRET=
 if [ -f "$prepare" ]; then

@@ -17,11 +17,25 @@ pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "docker" / "smoke.sh"
 SMOKE_SCALE = REPO / "docker" / "smoke-scale.sh"
-# the build helper next to the repository, or where NDRELAY_SMOKE_PREPARE says (a clone
-# elsewhere on such a machine)
-PREPARE = Path(
-    os.environ.get("NDRELAY_SMOKE_PREPARE", REPO.parent / "shared" / "container" / "prepare.sh")
-)
+
+
+def _prepare() -> Path:
+    """Where the smoke scripts find the build helper: NDRELAY_SMOKE_PREPARE, next to the
+    repository, or next to the local repository this clone was made from."""
+    if "NDRELAY_SMOKE_PREPARE" in os.environ:
+        return Path(os.environ["NDRELAY_SMOKE_PREPARE"])
+    here = REPO.parent / "shared" / "container" / "prepare.sh"
+    origin = subprocess.run(
+        ["git", "-C", str(REPO), "config", "--get", "remote.origin.url"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    there = Path(origin, "..", "shared", "container", "prepare.sh") if origin else here
+    return here if here.exists() or not there.exists() else there
+
+
+PREPARE = _prepare()
 
 
 def plan(env: dict[str, str], script: Path = SMOKE) -> dict[str, str] | None:
@@ -90,7 +104,7 @@ def test_where_the_build_helper_exists_it_uses_its_local_base_image():
     if not PREPARE.exists():  # a user's clone: the registry's image, as above
         assert (got["prepare"], got["base image"]) == ("none", "python:3.12-slim")
         return
-    assert got["prepare"] == str(REPO / ".." / "shared" / "container" / "prepare.sh")
+    assert Path(got["prepare"]).resolve() == PREPARE.resolve()
     assert got["engine"] == "podman"
     assert got["base image"].startswith("localhost/")
     assert "--format docker" in got["build options"]

@@ -225,9 +225,7 @@ class Stream(Protocol):
     # -- for producer threads (never on the event loop) ---------------------------------
 
     def put_blocking(self, item: Any, timeout: float | None = None) -> None:
-        """Add one item from a producer thread, waiting while the buffer is full (the
-        memory backend first sets a few aside beside a full buffer: they go in as room
-        is made, before any later item and before the end)."""
+        """Add one item from a producer thread, waiting while the buffer is full."""
         ...
 
     def finish_blocking(self, frame: Frame) -> None:

@@ -46,11 +46,6 @@ class MemoryBudget:
                 return None
             return self._generation
 
-    def add(self, nbytes: int) -> None:
-        """Count `nbytes` without asking (items already in memory that must go in)."""
-        with self._lock:
-            self.used += nbytes
-
     def release(self, nbytes: int) -> None:
         """Give back `nbytes` reserved earlier; wakes producers waiting for room."""
         if nbytes <= 0:

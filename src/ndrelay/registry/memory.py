@@ -16,7 +16,6 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from itertools import islice, repeat
 from typing import Any
 
 import numpy as np
@@ -42,13 +41,6 @@ DEFAULT_LEASE = 10.0
 
 __all__ = ["DEFAULT_LEASE", "Block", "MemoryConsumer", "MemoryRegistry", "MemoryStream"]
 
-
-#: A producer thread (`put_blocking`) whose item does not fit keeps up to half the
-#: stream's `size` in items, and at most this many bytes, waiting beside the full buffer
-#: (read ahead, as a client's `publish` reads `prefetch` items ahead) instead of waiting
-#: itself: the room an acknowledgement makes is refilled from them at once, on the thread
-#: that applied it, without waiting for the producer thread to wake and make new items.
-STAGE_BYTES = 256 * 1024
 
 #: Producer ids remembered per stream (idempotent uploads): every `publish` names itself,
 #: so the table forgets the ids not heard of longest beyond this many.
@@ -120,10 +112,6 @@ class MemoryStream(SchemaCheck):
         self._lock = threading.Lock()
         self._space = threading.Condition(self._lock)  # producer threads wait here
         self._blocked = 0  # how many
-        # items of a producer thread waiting beside the full buffer (not in it yet)
-        self._staged: deque[Any] = deque()
-        self._staged_bytes = 0
-        self._stage_items = spec.size // 2
         self._space_waiters = _Waiters()  # producer coroutines wait here
         self._data_waiters = _Waiters()  # consumer coroutines wait here
         self._items: deque[tuple[int, Any, int]] = deque()  # (seq, item or Block, nbytes)
@@ -248,7 +236,7 @@ class MemoryStream(SchemaCheck):
                 head, rest = item, None
             self._append(head, head.array.nbytes, len(head.array))
             return rest
-        nbytes = _nbytes(item)
+        nbytes = item.nbytes if isinstance(item, np.ndarray) else len(item)
         if not self._room(nbytes):
             return item
         self._append(item, nbytes, 1)
@@ -330,103 +318,17 @@ class MemoryStream(SchemaCheck):
             rest, fut = self.offer(rest)
 
     def put_blocking(self, item: Any, timeout: float | None = None) -> None:
-        """Add `item` from a producer thread. While the buffer is full the item waits
-        beside it (staged: up to half of `size` items and `STAGE_BYTES`) and goes in,
-        before any later item, as soon as room is made, or at the end (`finish`); only
-        beyond that does the thread wait (`TimeoutError` after `timeout` seconds)."""
         with self._lock:  # the Condition's own lock: cheaper to take than the Condition
-            staged = self._staged
-            if not staged:
-                if self._fits(item):
-                    self._data_waiters.wake()
-                    return
-            elif (  # the stage's hot path: an array behind others while the buffer is full
-                type(item) is np.ndarray
-                and len(staged) < self._stage_items
-                and self._staged_bytes + item.nbytes <= STAGE_BYTES
-                and self._terminal is None
-                and self._depth >= self._size
-            ):
-                staged.append(item)
-                self._staged_bytes += item.nbytes
+            if self._fits(item):
+                self._data_waiters.wake()
                 return
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
-            while True:
-                if self._staged:
-                    self._place_staged()
-                if not self._staged:
-                    rest = self._place(item)
-                    if rest is None:
-                        return
-                    item = rest
-                if self._stage(item):
-                    return
+            while (item := self._place(item)) is not None:
                 wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
                 if wait <= 0:
                     raise TimeoutError(f"stream {self.name!r} stayed full for {timeout} s")
                 self._wait_space(wait)
-
-    def _stage(self, item: Any) -> bool:
-        """Keep `item` beside the full buffer, if the stage has room and it is this
-        stream's own bounds (not the relay-wide budget) that refused it (lock held)."""
-        if self._terminal is not None:
-            raise self._closed()
-        if self._ticket is not None or len(self._staged) >= self._stage_items:
-            return False
-        nbytes = _nbytes(item)
-        if self._staged and self._staged_bytes + nbytes > STAGE_BYTES:
-            return False
-        self._staged.append(item)
-        self._staged_bytes += nbytes
-        return True
-
-    def _place_staged(self) -> None:
-        """Move what fits of the staged items into the buffer, in order (lock held)."""
-        staged, fits = self._staged, self._fits
-        self._place_staged_arrays()
-        while staged:
-            item = staged[0]
-            if not fits(item):
-                rest = self._place(item)
-                if rest is not None:
-                    if rest is not item:  # part of a Block went in
-                        staged[0] = rest
-                        self._staged_bytes -= item.array.nbytes - rest.array.nbytes
-                    break
-            staged.popleft()
-            self._staged_bytes -= _nbytes(item)
-        self._data_waiters.wake()
-
-    def _place_staged_arrays(self) -> None:
-        """The hot path of `_place_staged` (lock held): the staged arrays at the front
-        that fit now go in together, with one reservation from the relay-wide budget."""
-        staged = self._staged
-        room = self._size - self._depth
-        if room <= 0 or self._terminal is not None:
-            return
-        free = self._max_bytes - self._bytes
-        arrays: list[np.ndarray] = []
-        sizes: list[int] = []
-        total = 0
-        for item in islice(staged, room):
-            if type(item) is not np.ndarray or total + item.nbytes > free:
-                break
-            arrays.append(item)
-            sizes.append(item.nbytes)
-            total += item.nbytes
-        if not arrays or (self._budget is not None and self._budget.try_reserve(total) is not None):
-            return
-        n = len(arrays)
-        for _ in repeat(None, n):
-            staged.popleft()
-        seq = self._next_seq
-        self._items.extend(zip(range(seq, seq + n), arrays, sizes, strict=True))
-        self._next_seq = seq + n
-        self._depth += n
-        self._bytes += total
-        self._produced_bytes += total
-        self._staged_bytes -= total
 
     def _wait_space(self, timeout: float) -> None:
         """Wait (lock held) until a consumer takes something, or `timeout`; or, if the
@@ -446,17 +348,16 @@ class MemoryStream(SchemaCheck):
             self._blocked -= 1
 
     def _space_freed(self) -> None:
-        """Refill from a producer thread's staged items, wake producers waiting for room
-        (lock held)."""
-        if self._staged and self._terminal is None:
-            self._place_staged()
+        """Wake producers waiting for room (lock held)."""
         self._space_waiters.wake()
         if self._blocked:
             self._space.notify_all()
 
     def put_many_blocking(self, items: Sequence[Any]) -> None:
-        for item in items:
-            self.put_blocking(item)
+        with self._lock:
+            for item in items:
+                while (item := self._place(item)) is not None:
+                    self._wait_space(1.0)
 
     def finish(self, frame: Frame) -> None:
         if not isinstance(frame, EndFrame | ErrorFrame):
@@ -464,23 +365,8 @@ class MemoryStream(SchemaCheck):
         with self._lock:
             if self._terminal is not None:
                 raise self._closed()
-            self._add_staged()
             self._terminal = type(frame)(**{**_fields(frame), "seq": self._next_seq})
             self._wake_all()
-
-    def _add_staged(self) -> None:
-        """Before an end not given by the producer thread itself (`finish_blocking` waits
-        for room instead): its staged items go in even beyond the bounds (lock held);
-        they were handed over, and nothing comes after them."""
-        self._place_staged()
-        staged = self._staged
-        while staged:
-            item = staged.popleft()
-            n, nbytes = len(item.array) if type(item) is Block else 1, _nbytes(item)
-            if self._budget is not None:
-                self._budget.add(nbytes)
-            self._append(item, nbytes, n)
-        self._staged_bytes = 0
 
     def abort(self, reason: str) -> None:
         """Fail the stream now (deleted, shutting down): consumers stop at once."""
@@ -491,8 +377,6 @@ class MemoryStream(SchemaCheck):
                 )
             self._aborted = True
             self._items.clear()
-            self._staged.clear()
-            self._staged_bytes = 0
             if self._budget is not None:
                 self._budget.release(self._bytes)
             self._records.clear()
@@ -536,13 +420,6 @@ class MemoryStream(SchemaCheck):
         self.finish(frame)
 
     def finish_blocking(self, frame: Frame) -> None:
-        """End the stream from a producer thread: its staged items go in first, as room
-        is made (so the end never takes the stream past its bounds), then the end."""
-        with self._lock:
-            while self._staged and self._terminal is None:
-                self._place_staged()
-                if self._staged:
-                    self._wait_space(1.0)
         self.finish(frame)
 
     @asynccontextmanager
@@ -891,13 +768,6 @@ class MemoryStream(SchemaCheck):
             if type(item) is Block:
                 return seq + len(item.array) - 1, item.array[-1]
             return seq, item
-
-
-def _nbytes(item: Any) -> int:
-    """The payload bytes of an item: an array, a `Block` of rows, or bytes."""
-    if type(item) is Block:
-        return int(item.array.nbytes)
-    return item.nbytes if isinstance(item, np.ndarray) else len(item)
 
 
 def _fields(frame: EndFrame | ErrorFrame) -> dict[str, Any]:

@@ -195,9 +195,7 @@ class Relay:
         """Serve `iterator` as stream `name`; returns at once.
 
         A background thread pulls items (arrays or bytes) and puts them into the stream's
-        bounded buffer, waiting while it is full (on the memory backend, after setting up
-        to `size // 2` items, 256 KiB at most, aside to go in as soon as room is made:
-        they are read from `iterator` that far ahead). When the iterator is exhausted the
+        bounded buffer, waiting while it is full. When the iterator is exhausted the
         stream ends (`end` frame); if it raises, the stream fails (`error` frame with the
         exception's type, message and traceback).
 

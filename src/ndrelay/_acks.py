@@ -124,8 +124,8 @@ class AckChannel:
         relay answered (a refusal) or the connection broke: a `select`, which the sends
         from the taking thread leave to the sending thread's next round."""
         if check and self._conn is not None and self._conn.readable_now():
-            # the last lines written may never have reached the relay: say the newest
-            # one again (acknowledgements are cumulative)
+            # the last lines written may never have reached the relay, or the relay
+            # failed to apply them: say the newest one again (they are cumulative)
             self._resend = self._answer() is None and not self._gone
         count, seq, total = self.taken
         due = count > self._acked[0] or self._resend
@@ -154,7 +154,7 @@ class AckChannel:
                         self.endpoint, "POST", self.path, self.headers, chunked_body=True
                     )
                 elif (check or attempt) and self._conn.readable_now():
-                    # a refusal, or the connection broke
+                    # a refusal, a failure of the relay's, or the connection broke
                     if self._answer() is not None or self._gone:
                         return False  # refused: saying it again would not help
                     self._resend = True
@@ -169,7 +169,9 @@ class AckChannel:
 
     def _answer(self) -> dict[str, Any] | None:
         """Read the relay's answer to the acknowledgement request, then close it; `None`
-        if there was none (the connection broke)."""
+        if there was none (the connection broke) or it was a failure of the relay's own
+        (5xx: its backend unreachable, say), after which the lines sent may not have been
+        applied, and saying the newest one again may succeed."""
         conn, self._conn = self._conn, None
         try:
             response = read_response(conn, self._url)
@@ -178,6 +180,9 @@ class AckChannel:
             return None
         finally:
             conn.close()
+        if response.status >= 500:
+            log.info("acknowledgement failed at the relay (%s): %s", response.status, body)
+            return None
         if response.status == 404 or (
             isinstance(body, dict) and body.get("error") == "ConsumerNotFound"
         ):
@@ -190,6 +195,16 @@ class AckChannel:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
+
+    def resumed(self) -> None:
+        """The stream's reader connected again: the relay knows this consumer (again,
+        if its lease had run out and an acknowledgement was refused meanwhile), and may
+        have lost the last acknowledgement (a backend restarted): the newest one is said
+        again, and the items taken from now on are acknowledged."""
+        with self._cond:
+            self._gone = False
+            self._resend = True
+            self._cond.notify()
 
     # -- the end ---------------------------------------------------------------------------
 

@@ -205,9 +205,12 @@ class _BaseClient:
         consumer = headers.get("ndrelay-consumer", consumer)
 
         def reopen(after: int | None) -> HTTPResponse:
-            return self._request_stream(name, batch, policy, consumer, after, lease)
+            response = self._request_stream(name, batch, policy, consumer, after, lease)
+            if acks is not None:
+                acks.resumed()
+            return response
 
-        acks = None
+        acks: AckChannel | None = None
         if mode == "queue":
             size = _int_header(headers, "ndrelay-size", 64)
             if batch is not None and batch > size:

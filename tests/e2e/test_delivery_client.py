@@ -16,6 +16,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections import Counter
 
 import pytest
 from _proxy import CuttingProxy
@@ -195,6 +196,29 @@ def test_network_cut_under_stream_and_acks_resumes_without_loss_or_duplicate(rel
         bounded(consume, 120)
         assert proxy.cuts >= 6
     assert sorted(got) == list(range(N))
+
+
+def test_a_consumer_back_after_its_lease_ran_out_acknowledges_again(relay):
+    """The network is down for longer than the consumer's lease: the relay gives the
+    consumer's items back to the queue and may forget it, refusing (404) the
+    acknowledgement the client says again when the network is back. The reader then
+    reconnects with the same consumer id and is handed items again: those must be
+    acknowledged too, or the relay would wait for them for good. Nothing is lost."""
+    with CuttingProxy(relay.port) as proxy, RelayClient(proxy.url) as client:
+        got: list[int] = []
+
+        def consume() -> None:
+            with client.stream("work", lease=1, reconnect=30) as s:
+                for item in s:
+                    got.append(int(item[0]))
+                    if len(got) == 40:  # 32 acknowledged (half the window), 8 not yet
+                        proxy.refuse(3.0)
+
+        bounded(consume, 120)
+        assert proxy.cuts >= 2
+    counts = Counter(got)
+    assert set(counts) == set(range(N))
+    assert sum(c - 1 for c in counts.values()) <= 64  # at most the window, given back
 
 
 @pytest.mark.slow

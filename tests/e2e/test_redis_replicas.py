@@ -7,6 +7,7 @@ retrying with its producer id duplicates nothing."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -20,12 +21,14 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from _proxy import CuttingProxy
 from _sources import ServeProcess, bounded, free_port, wait_until
 from conftest import RedisServer, need
 
 from ndrelay import RelayClient, StreamClosed
 from ndrelay._codec import encode_frame
 from ndrelay._frames import DataFrame, EndFrame
+from ndrelay.registry import _redis_lua as lua
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -350,6 +353,76 @@ def test_the_serving_replica_killed_loses_and_duplicates_nothing(replicas, balan
     assert info["produced"] == N and info["state"] == "ended"
     if how == "SIGKILL":
         assert errors, "the producer's upload was cut by the kill and retried"
+
+
+def test_a_take_whose_answer_is_lost_hands_its_items_out_again(redis):
+    """The relay's connection to Redis is cut after a queue take reached Redis and before
+    Redis' answer came back (Redis handed the items to the consumer; the relay never
+    heard which): the relay must not take again as if nothing had happened, leaving those
+    items pending for a consumer that never got them. The consumer's response ends, its
+    client resumes with its consumer id, and gets them: every item exactly once."""
+    n = 40
+    with CuttingProxy(redis.port) as proxy:
+        relay = ServeProcess("--backend", f"redis://127.0.0.1:{proxy.port}/0", "--lease", "30")
+        try:
+            with RelayClient(relay.url) as client:
+                client.create("work", size=8)
+                producer = threading.Thread(
+                    target=client.publish,
+                    args=("work", (np.array([i], dtype=np.int64) for i in range(n))),
+                    kwargs={"producer": "rig"},
+                    daemon=True,
+                )
+                producer.start()
+                assert wait_until(lambda: client.info("work")["depth"] == 8)
+                proxy.lose_reply(b"XREADGROUP")
+
+                def read() -> list[int]:
+                    with client.stream("work", consumer="trainer", reconnect=30) as s:
+                        return [int(item[0]) for item in s]
+
+                got = bounded(read, 60)
+                producer.join(30)
+                assert not producer.is_alive()
+        finally:
+            relay.stop()
+        assert not proxy.armed and proxy.cuts == 1, "the take's answer was lost"
+    assert Counter(got) == Counter(range(n))
+
+
+def test_an_acknowledgement_redis_never_got_is_said_again(redis):
+    """The relay's connection to Redis is cut as it sends an acknowledgement (the relay
+    answers 500 to the client's acknowledgement request): the client must say it again
+    on a new request, not take the 500 for a refusal, or the items it acknowledged would
+    stay pending for it, fill the stream's window, and stop it for good."""
+    n = 40
+    with CuttingProxy(redis.port) as proxy:
+        relay = ServeProcess("--backend", f"redis://127.0.0.1:{proxy.port}/0")
+        try:
+            with RelayClient(relay.url) as client:
+                client.create("work", size=8)
+                producer = threading.Thread(
+                    target=client.publish,
+                    args=("work", (np.array([i], dtype=np.int64) for i in range(n))),
+                    kwargs={"producer": "rig"},
+                    daemon=True,
+                )
+                producer.start()
+                assert wait_until(lambda: client.info("work")["depth"] == 8)
+                # the ACK script, as the relay runs it (EVALSHA of its SHA-1)
+                proxy.drop_request(hashlib.sha1(lua.ACK.encode()).hexdigest().encode())
+
+                def read() -> list[int]:
+                    with client.stream("work", consumer="trainer", reconnect=30) as s:
+                        return [int(item[0]) for item in s]
+
+                got = bounded(read, 60)
+                producer.join(30)
+                assert not producer.is_alive()
+        finally:
+            relay.stop()
+        assert not proxy.armed and proxy.cuts == 1, "an acknowledgement was cut"
+    assert Counter(got) == Counter(range(n))
 
 
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])

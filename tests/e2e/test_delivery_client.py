@@ -198,6 +198,7 @@ def test_network_cut_under_stream_and_acks_resumes_without_loss_or_duplicate(rel
     assert sorted(got) == list(range(N))
 
 
+@pytest.mark.slow
 def test_a_consumer_back_after_its_lease_ran_out_acknowledges_again(relay):
     """The network is down for longer than the consumer's lease: the relay gives the
     consumer's items back to the queue and may forget it, refusing (404) the

@@ -154,6 +154,10 @@ class RedisServer:
     def restart(self, sig: int = signal.SIGTERM) -> None:
         """Stop it with `sig` (by PID), then start it again on the same port and dir."""
         self.stop(sig)
+        self.start()
+
+    def start(self) -> None:
+        """Start it again after `stop`, on the same port and dir."""
         self._start(need("redis-server"))
 
     def stop(self, sig: int = signal.SIGTERM) -> None:

@@ -425,6 +425,46 @@ def test_an_acknowledgement_redis_never_got_is_said_again(redis):
     assert Counter(got) == Counter(range(n))
 
 
+def test_while_redis_is_down_the_relay_answers_503_and_readers_resume(tmp_path):
+    """redis-server stopped: the relay answers its requests 503 `RegistryError` saying its
+    backend is unreachable (with Retry-After), logs a warning, not a traceback, and ends
+    its readers' responses without a terminal frame; once Redis is back (AOF on, so the
+    stream is still there), a reader resumes with its consumer id and gets every item."""
+    redis = RedisServer("--save", "", "--appendonly", "yes", workdir=str(tmp_path))
+    relay = ServeProcess("--backend", redis.url, "--lease", "30")
+    try:
+        with RelayClient(relay.url) as client:
+            client.create("work", size=8)
+            client.publish("work", [np.array([i], dtype=np.int64) for i in range(5)], end=False)
+            with client.stream("work", consumer="trainer", reconnect=30) as s:
+                got = [int(next(s)[0]), int(next(s)[0])]
+                redis.stop()
+                answers = [
+                    httpx.get(f"{relay.url}/streams/work/info", timeout=10),
+                    httpx.post(f"{relay.url}/streams/work", content=b"", timeout=10),
+                    httpx.get(f"{relay.url}/streams/work", timeout=10),
+                ]
+                # the reader's response ends at its next take (within a second or so)
+                assert wait_until(lambda: "'trainer': the stream backend" in relay.stderr_text())
+                redis.start()
+                client.publish("work", [np.array([i], dtype=np.int64) for i in range(5, 8)])
+                got += bounded(lambda: [int(item[0]) for item in s], 60)
+                assert s.reconnects >= 1
+        log = relay.stderr_text()
+    finally:
+        relay.stop()
+        redis.stop()
+    for answer in answers:
+        assert answer.status_code == 503, answer.text
+        assert answer.headers["retry-after"] == "1"
+        body = answer.json()
+        assert body["error"] == "RegistryError"
+        assert "backend is unreachable" in body["message"]
+    assert Counter(got) == Counter(range(8))
+    assert "GET /streams/work/info: the stream backend is unreachable" in log
+    assert "Traceback" not in log
+
+
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
 def test_redis_restart_mid_stream(tmp_path, how, capsys):
     """redis-server (AOF on, fsync every second) stopped with SIGTERM or SIGKILL while a

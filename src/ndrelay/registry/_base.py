@@ -244,6 +244,9 @@ class Registry(Protocol):
     budget: MemoryBudget | None
     #: What the server says it keeps its streams in (`in-memory streams`, `redis://...`).
     description: str
+    #: The errors that mean the backend cannot be reached right now (Redis restarting):
+    #: the server answers them 503 and cuts a reader's response, so its client resumes.
+    unavailable: tuple[type[Exception], ...]
 
     async def start(self) -> None:
         """Connect, on the loop that will serve the streams (server start-up)."""

@@ -978,6 +978,7 @@ class MemoryRegistry:
         self._lock = threading.Lock()
 
     description = "in-memory streams"
+    unavailable: tuple[type[Exception], ...] = ()  # (nothing to reach)
 
     async def start(self) -> None:
         pass

@@ -28,7 +28,12 @@ from typing import Any, TypeVar
 
 import numpy as np
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import (
+    ConnectionError as RedisConnectionError,
+    NoScriptError,
+    RedisError,
+    TimeoutError as RedisTimeoutError,
+)
 
 from .._exceptions import (
     AckConflict,
@@ -895,6 +900,7 @@ class RedisRegistry:
     """
 
     budget: MemoryBudget | None = None
+    unavailable: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError)
 
     def __init__(
         self,

@@ -239,7 +239,7 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
 
     auth = [Depends(check_token)]
 
-    install_error_handlers(app)
+    install_error_handlers(app, registry.unavailable)
     install_docs(app, auth, public=relay.settings.public_docs)
     declare_limits(app, lambda: the_relay.settings.max_memory)
 
@@ -404,7 +404,9 @@ def create_app(relay: Relay | Registry | None = None, settings: Settings | None 
             after=after,
             lease=the_relay.settings.lease if lease is None else lease,
         )
-        return FrameStreamResponse(stream, handle, fmt, batch, the_relay.settings)
+        return FrameStreamResponse(
+            stream, handle, fmt, batch, the_relay.settings, registry.unavailable
+        )
 
     @app.post(
         "/streams/{name}/ack",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,8 @@ from .protocol import EXTENSION
 from .relay import Settings
 
 __all__ = ["FrameStreamResponse"]
+
+log = logging.getLogger("ndrelay.server")
 
 #: Small frames are coalesced into writes of about this size.
 _COALESCE_BYTES = 256 * 1024
@@ -102,9 +105,16 @@ class FrameStreamResponse(Response):
     """
 
     def __init__(
-        self, stream: Stream, consumer: Consumer, fmt: str, batch: int, settings: Settings
+        self,
+        stream: Stream,
+        consumer: Consumer,
+        fmt: str,
+        batch: int,
+        settings: Settings,
+        unavailable: tuple[type[Exception], ...] = (),
     ) -> None:
         self.stream = stream
+        self.unavailable = unavailable
         self.consumer = consumer
         self.fmt = fmt
         self.batch = batch
@@ -149,6 +159,24 @@ class FrameStreamResponse(Response):
             await self.consumer.aclose()
 
     async def _pump(self, send: Send) -> None:
+        try:
+            await self._pump_frames(send)
+        except ReplicaLeaving:
+            pass  # the client resumes on another replica
+        except self.unavailable as exc:
+            log.warning(
+                "stream %r: consumer %r: the stream backend is unreachable (%s): its "
+                "response ends here, and its client resumes",
+                self.stream.name,
+                self.consumer.id,
+                exc,
+            )
+        else:
+            return
+        # ended without a terminal frame: the client sees a cut, and resumes
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _pump_frames(self, send: Send) -> None:
         consumer = self.consumer
         heartbeat = self.settings.heartbeat_interval
         if self.fmt == "sse":  # once: how long a browser waits before it reconnects
@@ -160,10 +188,7 @@ class FrameStreamResponse(Response):
         clock = asyncio.get_running_loop().time
         quiet_since = clock()  # a heartbeat goes out after `heartbeat` s without a frame
         while not self._over:
-            try:
-                got = await consumer.atake(take, _TAKE_BYTES)
-            except ReplicaLeaving:
-                return  # cut, so that the client resumes on another replica
+            got = await consumer.atake(take, _TAKE_BYTES)
             if got is None:
                 left = heartbeat - (clock() - quiet_since)
                 try:

@@ -95,8 +95,19 @@ def _allowed_methods(request: Request) -> str:
     return ", ".join(sorted(methods))
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Answer every error of `app` with an `ErrorBody`."""
+def install_error_handlers(app: FastAPI, unavailable: tuple[type[Exception], ...] = ()) -> None:
+    """Answer every error of `app` with an `ErrorBody`; the `unavailable` errors (the
+    registry's backend cannot be reached) with 503 `RegistryError`."""
+
+    async def backend_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        where = f"{request.method} {request.url.path}"
+        log.warning("%s: the stream backend is unreachable: %s", where, exc)
+        message = f"the relay's stream backend is unreachable ({exc}); try again shortly"
+        body = error_body("RegistryError", message)
+        return JSONResponse(body, status_code=503, headers={"retry-after": "1"})
+
+    for error in unavailable:
+        app.add_exception_handler(error, backend_unavailable)
 
     @app.exception_handler(NDRelayError)
     async def ndrelay_error(request: Request, exc: NDRelayError) -> JSONResponse:

@@ -120,9 +120,23 @@ _MEMORY_HEADERS = {
         "schema": {"type": "integer"},
     },
 }
+#: a registry on a backend that went away (Redis restarting)
+_BACKEND: dict[int | str, dict[str, Any]] = {
+    503: _error(
+        "the stream backend (Redis) cannot be reached right now (`RegistryError`, with "
+        "`Retry-After`)"
+    )
+}
+_BACKEND_OR_FULL: dict[int | str, dict[str, Any]] = {
+    503: _error(
+        "too many streams, or the stream backend (Redis) cannot be reached right now "
+        "(`RegistryError`)"
+    )
+}
 list_responses: dict[int | str, dict[str, Any]] = {
     200: {"description": "info of every stream", "headers": _MEMORY_HEADERS},
     **_AUTH,
+    **_BACKEND,
 }
 create_responses: dict[int | str, dict[str, Any]] = {
     200: {"model": StreamInfo, "description": "the stream exists with this definition"},
@@ -133,15 +147,22 @@ create_responses: dict[int | str, dict[str, Any]] = {
     **_ORIGIN,
     **_NAME,
     422: _error("invalid stream name or parameter, or `max_bytes` over `--max-memory`"),
-    503: _error("too many streams"),
+    **_BACKEND_OR_FULL,
 }
 info_responses: dict[int | str, dict[str, Any]] = {
     200: {"model": StreamInfo, "description": "the stream's info"},
     **_MISSING,
     **_AUTH,
     **_NAME,
+    **_BACKEND,
 }
-delete_responses: dict[int | str, dict[str, Any]] = {**_MISSING, **_AUTH, **_ORIGIN, **_NAME}
+delete_responses: dict[int | str, dict[str, Any]] = {
+    **_MISSING,
+    **_AUTH,
+    **_ORIGIN,
+    **_NAME,
+    **_BACKEND,
+}
 latest_responses: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "the newest buffered item as one data frame",
@@ -154,6 +175,7 @@ latest_responses: dict[int | str, dict[str, Any]] = {
     **_MISSING,
     **_AUTH,
     **_NAME,
+    **_BACKEND,
 }
 consume_responses: dict[int | str, dict[str, Any]] = {
     200: {
@@ -172,6 +194,7 @@ consume_responses: dict[int | str, dict[str, Any]] = {
     **_MISSING,
     **_AUTH,
     **_NAME,
+    **_BACKEND,
 }
 upload_responses: dict[int | str, dict[str, Any]] = {
     200: {"model": UploadResult, "description": "every frame of the body accepted"},
@@ -182,7 +205,7 @@ upload_responses: dict[int | str, dict[str, Any]] = {
     **_AUTH,
     **_ORIGIN,
     422: _error("invalid stream name, or an array against the stream's dtype/shape"),
-    503: _error("too many streams"),
+    **_BACKEND_OR_FULL,
 }
 ack_responses: dict[int | str, dict[str, Any]] = {
     200: {"description": "`{acked, released, pending, acks}`"},
@@ -195,6 +218,7 @@ ack_responses: dict[int | str, dict[str, Any]] = {
     **_AUTH,
     **_ORIGIN,
     **_NAME,
+    **_BACKEND,
 }
 
 

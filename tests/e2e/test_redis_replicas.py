@@ -15,7 +15,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -355,12 +355,11 @@ def test_the_serving_replica_killed_loses_and_duplicates_nothing(replicas, balan
         assert errors, "the producer's upload was cut by the kill and retried"
 
 
-def test_a_take_whose_answer_is_lost_hands_its_items_out_again(redis):
-    """The relay's connection to Redis is cut after a queue take reached Redis and before
-    Redis' answer came back (Redis handed the items to the consumer; the relay never
-    heard which): the relay must not take again as if nothing had happened, leaving those
-    items pending for a consumer that never got them. The consumer's response ends, its
-    client resumes with its consumer id, and gets them: every item exactly once."""
+def _fault_between_relay_and_redis(redis: RedisServer, fault: Callable[[CuttingProxy], None]):
+    """A relay whose connections to Redis go through a `CuttingProxy`; a producer
+    uploads 40 items into a queue stream of size 8 and waits once it is full; then
+    `fault(proxy)` is armed, and a consumer reads the stream to its end. Every item must
+    arrive exactly once, and the fault must have happened (one cut)."""
     n = 40
     with CuttingProxy(redis.port) as proxy:
         relay = ServeProcess("--backend", f"redis://127.0.0.1:{proxy.port}/0", "--lease", "30")
@@ -375,7 +374,7 @@ def test_a_take_whose_answer_is_lost_hands_its_items_out_again(redis):
                 )
                 producer.start()
                 assert wait_until(lambda: client.info("work")["depth"] == 8)
-                proxy.lose_reply(b"XREADGROUP")
+                fault(proxy)
 
                 def read() -> list[int]:
                     with client.stream("work", consumer="trainer", reconnect=30) as s:
@@ -386,43 +385,26 @@ def test_a_take_whose_answer_is_lost_hands_its_items_out_again(redis):
                 assert not producer.is_alive()
         finally:
             relay.stop()
-        assert not proxy.armed and proxy.cuts == 1, "the take's answer was lost"
+        assert not proxy.armed and proxy.cuts == 1, "the fault did not happen"
     assert Counter(got) == Counter(range(n))
+
+
+def test_a_take_whose_answer_is_lost_hands_its_items_out_again(redis):
+    """The relay's connection to Redis is cut after a queue take reached Redis and before
+    Redis' answer came back (Redis handed the items to the consumer; the relay never
+    heard which): the relay must not take again as if nothing had happened, leaving those
+    items pending for a consumer that never got them. The consumer's response ends, its
+    client resumes with its consumer id, and gets them."""
+    _fault_between_relay_and_redis(redis, lambda proxy: proxy.lose_reply(b"XREADGROUP"))
 
 
 def test_an_acknowledgement_redis_never_got_is_said_again(redis):
     """The relay's connection to Redis is cut as it sends an acknowledgement (the relay
-    answers 500 to the client's acknowledgement request): the client must say it again
-    on a new request, not take the 500 for a refusal, or the items it acknowledged would
+    answers 503 to the client's acknowledgement request): the client must say it again
+    on a new request, not take the 503 for a refusal, or the items it acknowledged would
     stay pending for it, fill the stream's window, and stop it for good."""
-    n = 40
-    with CuttingProxy(redis.port) as proxy:
-        relay = ServeProcess("--backend", f"redis://127.0.0.1:{proxy.port}/0")
-        try:
-            with RelayClient(relay.url) as client:
-                client.create("work", size=8)
-                producer = threading.Thread(
-                    target=client.publish,
-                    args=("work", (np.array([i], dtype=np.int64) for i in range(n))),
-                    kwargs={"producer": "rig"},
-                    daemon=True,
-                )
-                producer.start()
-                assert wait_until(lambda: client.info("work")["depth"] == 8)
-                # the ACK script, as the relay runs it (EVALSHA of its SHA-1)
-                proxy.drop_request(hashlib.sha1(lua.ACK.encode()).hexdigest().encode())
-
-                def read() -> list[int]:
-                    with client.stream("work", consumer="trainer", reconnect=30) as s:
-                        return [int(item[0]) for item in s]
-
-                got = bounded(read, 60)
-                producer.join(30)
-                assert not producer.is_alive()
-        finally:
-            relay.stop()
-        assert not proxy.armed and proxy.cuts == 1, "an acknowledgement was cut"
-    assert Counter(got) == Counter(range(n))
+    ack = hashlib.sha1(lua.ACK.encode()).hexdigest().encode()  # EVALSHA of the ACK script
+    _fault_between_relay_and_redis(redis, lambda proxy: proxy.drop_request(ack))
 
 
 def test_while_redis_is_down_the_relay_answers_503_and_readers_resume(tmp_path):

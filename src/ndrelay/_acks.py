@@ -77,6 +77,11 @@ class AckChannel:
         self._gone = False  # the relay no longer knows the consumer: nothing to send
         self._resend = False  # a line may have been lost with its connection: send again
         self._conn: Any = None
+        #: how many times the stream's reader connected again (`resumed`); and what it was
+        #: when the open acknowledgement connection was opened
+        self._epoch = 0
+        self._conn_epoch = 0
+        self._newest: int | None = None  # `upto` of the newest line written
         self._thread = threading.Thread(target=self._run, name="ndrelay-acks", daemon=True)
         self._thread.start()
 
@@ -135,7 +140,8 @@ class AckChannel:
                 self._resend = False
 
     def _line(self, upto: int | None, release: bool = False) -> bytes:
-        """One acknowledgement as an NDJSON line."""
+        """One acknowledgement as an NDJSON line (the newest one said)."""
+        self._newest = upto
         return b'{"consumer": %s, "upto": %s%s}\n' % (
             self._consumer_json,
             b"null" if upto is None else b"%d" % upto,
@@ -150,6 +156,7 @@ class AckChannel:
         for attempt in range(2):
             try:
                 if self._conn is None:
+                    self._conn_epoch = self._epoch
                     self._conn, self._url = open_request(
                         self.endpoint, "POST", self.path, self.headers, chunked_body=True
                     )
@@ -169,9 +176,11 @@ class AckChannel:
 
     def _answer(self) -> dict[str, Any] | None:
         """Read the relay's answer to the acknowledgement request, then close it; `None`
-        if there was none (the connection broke) or it was a failure of the relay's own
-        (5xx: its backend unreachable, say), after which the lines sent may not have been
-        applied, and saying the newest one again may succeed."""
+        when the newest line written may not have been applied and saying it again may
+        succeed: no answer (the connection broke), a failure of the relay's own (5xx: its
+        backend unreachable, say), a refusal of an older line (the relay answers at the
+        first bad line and ignores the rest), or a 404 from before the reader connected
+        again."""
         conn, self._conn = self._conn, None
         try:
             response = read_response(conn, self._url)
@@ -186,9 +195,16 @@ class AckChannel:
         if response.status == 404 or (
             isinstance(body, dict) and body.get("error") == "ConsumerNotFound"
         ):
+            if self._conn_epoch != self._epoch:
+                # refused before the reader connected again (between the relay letting
+                # the old connection go and taking the new one, a consumer with nothing
+                # pending is unknown): the relay knows it again now
+                return None
             self._gone = True  # deleted, released, or its lease ran out: the relay moved on
         elif response.status != 200:
             log.info("acknowledgement refused (%s): %s", response.status, body)
+            if isinstance(body, dict) and body.get("seq", self._newest) != self._newest:
+                return None  # lines after the refused one were not read
         return body if isinstance(body, dict) else {"status": response.status}
 
     def _close(self) -> None:
@@ -202,6 +218,7 @@ class AckChannel:
         have lost the last acknowledgement (a backend restarted): the newest one is said
         again, and the items taken from now on are acknowledged."""
         with self._cond:
+            self._epoch += 1
             self._gone = False
             self._resend = True
             self._cond.notify()

@@ -902,8 +902,17 @@ class FrameDecoder:
             if n == 0:
                 self._carry = bytes(view[pos:end])  # the rest comes with the next bytes
                 return end
-            rows = np.frombuffer(view, np.uint8, n * stride, pos).reshape(n, stride)
             at = lp + 1 + width  # where the suffix starts
+            if n == 1:  # one frame (a slow stream): no numpy round for it
+                if view[pos + at : pos + at + ls] != run.suffix:
+                    return pos
+                seq = marker if width == 0 else int.from_bytes(view[pos + lp + 1 : pos + at], "big")
+                payload = bytearray(view[pos + at + ls : pos + stride])
+                self._ready.append(DataFrame(seq, np.ndarray(run.shape, run.dtype, payload)))
+                self.frame_index += 1
+                pos += stride
+                continue
+            rows = np.frombuffer(view, np.uint8, n * stride, pos).reshape(n, stride)
             ok = (rows[:, :lp] == run.prefix_row).all(axis=1)
             ok &= (rows[:, at : at + ls] == run.suffix_row).all(axis=1)
             ok &= rows[:, lp] < 0x80 if width == 0 else rows[:, lp] == marker

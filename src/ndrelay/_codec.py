@@ -65,6 +65,9 @@ _MAX_HEADER = 64 * 1024
 #: most bytes handed to msgpack at once for a frame that is not of the run's layout.
 _RUN_MAX_PAYLOAD = 4096
 _RUN_SLOW_SLICE = 64 * 1024
+#: ... and the most bytes of one batched frame of a run: its rows are views of one
+#: array, so an item kept alive keeps at most this much memory alive with it
+_RUN_BLOCK = 16 * 1024
 #: msgpack's unsigned integer markers: how many bytes follow each (a fixint has none)
 _UINT_WIDTHS = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
 _UINT_DTYPES: dict[int, np.dtype[Any]] = {
@@ -505,10 +508,20 @@ class _RunLayout:
     `prefix`, the seq (a msgpack unsigned integer), `suffix` (ending in the bin header),
     then `nbytes` of payload."""
 
-    __slots__ = ("dtype", "nbytes", "prefix", "prefix_row", "shape", "suffix", "suffix_row")
+    __slots__ = (
+        "dtype",
+        "nbytes",
+        "per_block",
+        "prefix",
+        "prefix_row",
+        "shape",
+        "suffix",
+        "suffix_row",
+    )
 
     def __init__(self, dt: np.dtype[Any], shape: tuple[int, ...], nbytes: int) -> None:
         self.dtype, self.shape, self.nbytes = dt, shape, nbytes
+        self.per_block = max(1, _RUN_BLOCK // max(1, nbytes))  # rows per batched frame
         self.prefix, self.suffix = _array_headers(dt, shape, None)
         self.prefix_row = np.frombuffer(self.prefix, np.uint8)
         self.suffix_row = np.frombuffer(self.suffix, np.uint8)
@@ -924,15 +937,18 @@ class FrameDecoder:
             else:
                 raw = np.ascontiguousarray(rows[:k, lp + 1 : at])
                 seqs = raw.view(_UINT_DTYPES[width]).reshape(k).astype(np.uint64)
-            data = rows[:k, at + ls :].copy().view(run.dtype).reshape((k, *run.shape))
+            payloads = rows[:k, at + ls :]
             breaks = (np.flatnonzero(np.diff(seqs) != 1) + 1).tolist() if k > 1 else []
-            ready = self._ready
+            ready, per, layout = self._ready, run.per_block, (-1, *run.shape)
             first = 0
-            for stop in [*breaks, k]:
-                if stop - first == 1:
-                    ready.append(DataFrame(int(seqs[first]), data[first]))
-                else:
-                    ready.append(DataFrame(int(seqs[first]), data[first:stop], stop - first))
+            for stop in [*breaks, k]:  # runs of consecutive seqs, in blocks of `per`
+                for a in range(first, stop, per):
+                    b = min(stop, a + per)
+                    block = payloads[a:b].copy().view(run.dtype).reshape(layout)
+                    if b - a == 1:
+                        ready.append(DataFrame(int(seqs[a]), block[0]))
+                    else:
+                        ready.append(DataFrame(int(seqs[a]), block, b - a))
                 first = stop
             self.frame_index += k
             pos += k * stride  # then the next frame: of the layout (another seq width) or not

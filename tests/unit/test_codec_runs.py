@@ -114,9 +114,12 @@ def test_runs_decode_as_frame_by_frame(data: Any) -> None:
     runs = _decode(body, cuts, runs=True)
     assert runs[:3] == plain[:3]
     assert plain[2] is None  # a valid stream
-    for f in runs[3]:  # a batched frame only ever holds consecutive seqs
+    for f in runs[3]:
         if isinstance(f, DataFrame) and f.count is not None:
+            # its own memory, at most 16 KiB of it: an item kept keeps little alive
             assert f.data.flags.writeable and f.data.flags.c_contiguous
+            base = f.data if f.data.base is None else f.data.base
+            assert f.data.nbytes == base.nbytes <= 16 * 1024
 
 
 @SETTINGS

@@ -710,6 +710,10 @@ class FrameDecoder:
             self._carry = b""
         pos, end = 0, len(view)
         while pos < end and self._error is None:
+            if self._carry:  # kept back by a nested `feed` (a spill's rest): it comes first
+                view = memoryview(self._carry + view[pos:end])
+                self._carry = b""
+                pos, end = 0, len(view)
             payload = self._payload
             if payload is not None:
                 room = payload.room()

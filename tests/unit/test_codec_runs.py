@@ -42,7 +42,7 @@ def streams(draw: Any) -> list[Any]:
     seq = draw(st.sampled_from(STARTS))
     out: list[Any] = []
     for _ in range(draw(st.integers(1, 12))):
-        kind = draw(st.sampled_from(["run", "run", "run", "bytes", "heartbeat", "jump"]))
+        kind = draw(st.sampled_from(["run", "run", "run", "bytes", "heartbeat", "jump", "big"]))
         if kind == "run":
             base = LAYOUTS[draw(st.integers(0, len(LAYOUTS) - 1))]
             for _ in range(draw(st.integers(1, 60))):
@@ -54,6 +54,9 @@ def streams(draw: Any) -> list[Any]:
             seq += 1
         elif kind == "heartbeat":
             out.append(HeartbeatFrame())
+        elif kind == "big":  # a payload the decoder writes straight into its array
+            out.append((seq, np.full(70_000 + seq % 7, seq % 251, dtype="|u1")))
+            seq += 1
         else:
             seq += draw(st.integers(1, 100_000))
     out.append(EndFrame(seq=seq))
@@ -110,6 +113,8 @@ def test_runs_decode_as_frame_by_frame(data: Any) -> None:
     frames = data.draw(streams())
     body = b"".join(_wire(f) for f in frames)
     cuts = data.draw(st.lists(st.integers(0, len(body)), max_size=30))
+    if data.draw(st.booleans()):  # few cuts: pieces holding whole large frames and runs
+        cuts = cuts[:2]
     plain = _decode(body, cuts, runs=False)
     runs = _decode(body, cuts, runs=True)
     assert runs[:3] == plain[:3]

@@ -550,7 +550,7 @@ class _Reader:
 
     def _read(self) -> None:
         state, queue, response = self.state, self.queue, self.response
-        decoder = FrameDecoder(self.max_frame_size)
+        decoder = FrameDecoder(self.max_frame_size, runs=True)
         batch = state.batch
         received = response.received
         for frames in response.iter_frames(decoder):

@@ -61,6 +61,21 @@ _SPILL_PROBE = 32
 _FEED_SLICE = 1024 * 1024
 #: Bytes a frame may have besides its payload (keys, dtype, shape, error text).
 _MAX_HEADER = 64 * 1024
+#: Runs (`FrameDecoder(runs=True)`): the largest payload read as part of a run, and the
+#: most bytes handed to msgpack at once for a frame that is not of the run's layout.
+_RUN_MAX_PAYLOAD = 4096
+_RUN_SLOW_SLICE = 64 * 1024
+#: ... and the most bytes of one batched frame of a run: its rows are views of one
+#: array, so an item kept alive keeps at most this much memory alive with it
+_RUN_BLOCK = 16 * 1024
+#: msgpack's unsigned integer markers: how many bytes follow each (a fixint has none)
+_UINT_WIDTHS = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
+_UINT_DTYPES: dict[int, np.dtype[Any]] = {
+    1: np.dtype(np.uint8),
+    2: np.dtype(">u2"),
+    4: np.dtype(">u4"),
+    8: np.dtype(">u8"),
+}
 #: Default limit on one string of a frame (an error's message or traceback, say): 1 MiB.
 DEFAULT_MAX_TEXT_SIZE = 1024 * 1024
 #: Most entries a frame's map may have (the format uses at most 7; unknown keys are ignored).
@@ -488,6 +503,34 @@ class _Payload:
         return DataFrame(self.seq, array, self.count)
 
 
+class _RunLayout:
+    """The bytes of an array frame of one layout as ndrelay's encoder writes them:
+    `prefix`, the seq (a msgpack unsigned integer), `suffix` (ending in the bin header),
+    then `nbytes` of payload."""
+
+    __slots__ = (
+        "dtype",
+        "nbytes",
+        "per_block",
+        "prefix",
+        "prefix_row",
+        "shape",
+        "suffix",
+        "suffix_row",
+    )
+
+    def __init__(self, dt: np.dtype[Any], shape: tuple[int, ...], nbytes: int) -> None:
+        self.dtype, self.shape, self.nbytes = dt, shape, nbytes
+        self.per_block = max(1, _RUN_BLOCK // max(1, nbytes))  # rows per batched frame
+        self.prefix, self.suffix = _array_headers(dt, shape, None)
+        self.prefix_row = np.frombuffer(self.prefix, np.uint8)
+        self.suffix_row = np.frombuffer(self.suffix, np.uint8)
+
+    def longest(self) -> int:
+        """The most bytes one such frame takes (with an 8-byte seq)."""
+        return len(self.prefix) + 9 + len(self.suffix) + self.nbytes
+
+
 class FrameDecoder:
     """Incremental decoder: bytes in (any chunking), frames out.
 
@@ -518,6 +561,12 @@ class FrameDecoder:
         max_text_size: longest accepted string (an error's message or traceback, say).
         seq_optional: a frame may leave out `seq` (upload bodies, DESIGN.md §5); it
             decodes with `seq == -1`.
+        runs: a run of small array frames of one layout with consecutive seqs, each
+            byte for byte as ndrelay's encoder writes it (what a relay sends), comes
+            out as one batched `DataFrame` (`count` items, the same seqs, dtype, shape
+            and bytes), read without a msgpack round per frame: for readers that take
+            the rows as items anyway (the client). The layout is learnt from the last
+            array frame decoded the ordinary way; anything else decodes as before.
     """
 
     def __init__(
@@ -526,6 +575,7 @@ class FrameDecoder:
         max_text_size: int = DEFAULT_MAX_TEXT_SIZE,
         *,
         seq_optional: bool = False,
+        runs: bool = False,
     ) -> None:
         if max_frame_size < 1:
             raise ValueError("max_frame_size must be positive")
@@ -539,6 +589,11 @@ class FrameDecoder:
         self._ready: deque[Frame] = deque()
         self._error: ProtocolError | None = None
         self._payload: _Payload | None = None
+        self.runs = runs
+        #: runs: the layout of the last array frame (see `_learn_run`), or None
+        self._run: _RunLayout | None = None
+        self._run_key: Any = None
+        self._carry = b""  # runs: the start of a frame of that layout, awaiting its rest
         self._new_unpacker()
 
     def _new_unpacker(self) -> None:
@@ -580,7 +635,7 @@ class FrameDecoder:
     @property
     def has_partial(self) -> bool:
         """Whether bytes of an incomplete frame are held (a cut-off stream, if it ends now)."""
-        return self._payload is not None or self._fed > self._boundary
+        return self._payload is not None or self._fed > self._boundary or bool(self._carry)
 
     def feed_eof(self) -> None:
         """Declare the end of input.
@@ -590,6 +645,11 @@ class FrameDecoder:
         """
         if self._error is not None:
             self._raise()
+        if self._carry:  # not a frame of the run's layout after all: decode it as usual
+            carry, self._carry, self._run = self._carry, b"", None
+            self.feed(carry)
+            if self._error is not None:
+                self._raise()
         if self.has_partial:
             self._fail(
                 RemoteProtocolError(
@@ -645,8 +705,15 @@ class FrameDecoder:
         view = memoryview(data)
         if view.ndim != 1 or view.itemsize != 1:
             view = view.cast("B")
+        if self._carry:
+            view = memoryview(self._carry + view)
+            self._carry = b""
         pos, end = 0, len(view)
         while pos < end and self._error is None:
+            if self._carry:  # kept back by a nested `feed` (a spill's rest): it comes first
+                view = memoryview(self._carry + view[pos:end])
+                self._carry = b""
+                pos, end = 0, len(view)
             payload = self._payload
             if payload is not None:
                 room = payload.room()
@@ -657,9 +724,16 @@ class FrameDecoder:
                 if payload.filled == payload.nbytes:
                     self._finish_payload()
                 continue
+            if self._run is not None and self._fed == self._boundary:
+                pos = self._take_runs(view, pos, end)
+                if pos == end or self._carry:
+                    return
+                # a frame of another kind: msgpack reads it, then the runs go on
+                piece = view[pos : pos + _RUN_SLOW_SLICE]
+                pos += self._feed_unpacker(piece)
+                continue
             piece = view[pos : pos + _FEED_SLICE]
-            pos += len(piece)
-            self._feed_unpacker(piece)
+            pos += self._feed_unpacker(piece)
 
     def _finish_payload(self) -> None:
         assert self._payload is not None
@@ -668,12 +742,15 @@ class FrameDecoder:
         self.frame_index += 1
         self._new_unpacker()
 
-    def _feed_unpacker(self, piece: memoryview) -> None:
+    def _feed_unpacker(self, piece: memoryview) -> int:
+        """Hand `piece` to msgpack; returns how many of its bytes were used: all of them,
+        except with a run layout known, where msgpack stops after the first frame it
+        completes (the rest goes back to `feed`, to be read as a run if it is one)."""
         try:
             self._unpacker.feed(piece)
         except Exception:  # BufferFull: a frame over the limit
             self._fail(self._too_large())
-            return
+            return len(piece)
         start = self._fed
         self._fed += len(piece)
         unpacker = self._unpacker
@@ -685,15 +762,19 @@ class FrameDecoder:
                 end = unpacker.tell()
                 if end - boundary > limit:
                     self._fail(self._too_large(end - boundary))
-                    return
+                    return len(piece)
                 boundary = end
                 self._maps = self._lists = 1
                 ready.append(to_frame(obj))
                 self.frame_index += 1
                 completed = True
+                if self._run is not None:  # back to runs after this frame
+                    used = boundary - start
+                    self._new_unpacker()
+                    return used
         except ProtocolError as exc:
             self._fail(exc)
-            return
+            return len(piece)
         except Exception as exc:  # msgpack raises several types for bad input
             if boundary >= start:  # the bad frame started in this piece
                 raw = bytes(piece[boundary - start :])
@@ -702,21 +783,23 @@ class FrameDecoder:
             else:
                 raw = b""
             self._fail(self._refusal(exc, raw))
-            return
+            return len(piece)
         finally:
-            self._boundary = boundary
+            if self._unpacker is unpacker:  # (not replaced by a new one above)
+                self._boundary = boundary
         if completed:  # a new frame (if any) is pending now
             self._partial = bytearray()
             self._spill = True
             self._probe_at = _SPILL_PROBE
         if self._fed - self._boundary > self.max_frame_size:
             self._fail(self._too_large())
-            return
+            return len(piece)
         if self._fed > self._boundary and self._spill:
             # Keep a copy of the incomplete frame's bytes, in case it is a large one.
             self._partial += piece[max(0, self._boundary - start) :]
             if len(self._partial) >= self._probe_at:
                 self._try_spill()
+        return len(piece)
 
     def _refusal(self, exc: Exception, raw: bytes) -> RemoteProtocolError:
         """The error for a frame msgpack (or a hook above) stopped on; `raw`: its bytes."""
@@ -792,6 +875,89 @@ class FrameDecoder:
         if rest:
             self.feed(rest)
 
+    # -- runs ----------------------------------------------------------------------------
+
+    def _learn_run(
+        self, dtype_str: Any, layout: tuple[np.dtype[Any], tuple[int, ...], int]
+    ) -> None:
+        """An array frame of `layout` was decoded the ordinary way: later frames of it
+        may be read as runs (`runs=True`, small payloads, the canonical dtype string)."""
+        if layout is self._run_key:
+            return
+        self._run_key = layout
+        dt, shape, nbytes = layout
+        run = None
+        if shape and nbytes <= _RUN_MAX_PAYLOAD and dtype_str == dt.str:
+            run = _RunLayout(dt, shape, nbytes)
+            if run.longest() > self.max_frame_size:
+                run = None
+        self._run = run
+
+    def _take_runs(self, view: memoryview, pos: int, end: int) -> int:
+        """Read the frames of the run layout from `view[pos:end]`, as batched frames of
+        consecutive seqs (a lone one as a plain frame); returns where they stop: at a
+        frame of another kind, or at the end, where the start of a frame that may be of
+        the layout is kept for the next `feed`."""
+        run = self._run
+        assert run is not None
+        prefix, lp, ls = run.prefix, len(run.prefix), len(run.suffix)
+        while pos < end:
+            left = end - pos
+            if left <= lp:
+                if view[pos:end] == prefix[:left]:
+                    self._carry = bytes(view[pos:end])
+                    return end
+                return pos
+            if view[pos : pos + lp] != prefix:
+                return pos
+            marker = view[pos + lp]
+            width = 0 if marker < 0x80 else _UINT_WIDTHS.get(marker, -1)
+            if width < 0:
+                return pos
+            stride = lp + 1 + width + ls + run.nbytes
+            n = left // stride
+            if n == 0:
+                self._carry = bytes(view[pos:end])  # the rest comes with the next bytes
+                return end
+            at = lp + 1 + width  # where the suffix starts
+            if n == 1:  # one frame (a slow stream): no numpy round for it
+                if view[pos + at : pos + at + ls] != run.suffix:
+                    return pos
+                seq = marker if width == 0 else int.from_bytes(view[pos + lp + 1 : pos + at], "big")
+                payload = bytearray(view[pos + at + ls : pos + stride])
+                self._ready.append(DataFrame(seq, np.ndarray(run.shape, run.dtype, payload)))
+                self.frame_index += 1
+                pos += stride
+                continue
+            rows = np.frombuffer(view, np.uint8, n * stride, pos).reshape(n, stride)
+            ok = (rows[:, :lp] == run.prefix_row).all(axis=1)
+            ok &= (rows[:, at : at + ls] == run.suffix_row).all(axis=1)
+            ok &= rows[:, lp] < 0x80 if width == 0 else rows[:, lp] == marker
+            k = n if ok.all() else int(ok.argmin())
+            if k == 0:
+                return pos
+            if width == 0:
+                seqs = rows[:k, lp].astype(np.uint64)
+            else:
+                raw = np.ascontiguousarray(rows[:k, lp + 1 : at])
+                seqs = raw.view(_UINT_DTYPES[width]).reshape(k).astype(np.uint64)
+            payloads = rows[:k, at + ls :]
+            breaks = (np.flatnonzero(np.diff(seqs) != 1) + 1).tolist() if k > 1 else []
+            ready, per, layout = self._ready, run.per_block, (-1, *run.shape)
+            first = 0
+            for stop in [*breaks, k]:  # runs of consecutive seqs, in blocks of `per`
+                for a in range(first, stop, per):
+                    b = min(stop, a + per)
+                    block = payloads[a:b].copy().view(run.dtype).reshape(layout)
+                    if b - a == 1:
+                        ready.append(DataFrame(int(seqs[a]), block[0]))
+                    else:
+                        ready.append(DataFrame(int(seqs[a]), block, b - a))
+                first = stop
+            self.frame_index += k
+            pos += k * stride  # then the next frame: of the layout (another seq width) or not
+        return pos
+
     # -- output --------------------------------------------------------------------------
 
     def frames(self) -> Iterator[Frame]:
@@ -829,6 +995,8 @@ class FrameDecoder:
                     if layout is not None and layout[2] == len(data) and "count" not in obj:
                         if len(obj) > 5:
                             _check_extras(obj, index)
+                        elif self.runs:
+                            self._learn_run(obj["dtype"], layout)
                         # bytearray makes the array writable, in one copy of a small payload
                         return DataFrame(seq, np.ndarray(layout[1], layout[0], bytearray(data)))
             data = obj.get("data")

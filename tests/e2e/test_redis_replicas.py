@@ -248,6 +248,24 @@ def _upload_with_retries(url: str, name: str, n: int, producer: str, errors: lis
     raise AssertionError(f"upload did not finish: {errors[-3:]}")
 
 
+def test_info_counts_survive_redis_forgetting_its_scripts(redis, replicas):
+    """`info` reads a stream's counters and its producers and consumers in one round trip
+    (a Lua script run by its SHA); after Redis forgot its scripts (`SCRIPT FLUSH`, as on a
+    restart) it answers the same, loading the script again."""
+    a, b = replicas
+    with RelayClient(a.url) as ca:
+        ca.create("counted", size=4)
+        ca.publish("counted", [np.array([i]) for i in range(3)], end=False)
+        s = ca.stream("counted")
+        assert wait_until(lambda: ca.info("counted")["consumers"] == 1)
+        first = ca.info("counted")
+        redis.command("SCRIPT", "FLUSH")
+        again = ca.info("counted")
+        s.close()
+    assert first["produced"] == again["produced"] == 3
+    assert again["consumers"] == 1
+
+
 def test_a_delete_through_one_replica_ends_the_readers_of_the_other(replicas):
     a, b = replicas
     with RelayClient(a.url) as ca, RelayClient(b.url) as cb:

@@ -592,8 +592,21 @@ class RedisStream(SchemaCheck):
     # -- state -----------------------------------------------------------------------
 
     async def ainfo(self) -> dict[str, Any]:
-        fields = await self._r.hgetall(self.base + ":m")
-        producers, consumers = await self._run(lua.COUNTS, self.registry.alive_prefix)
+        prefix = self.registry.alive_prefix
+        sha = self.registry._shas.get(lua.COUNTS)
+        counts: Any = None
+        if sha is None:  # the script not loaded yet: two round trips, this once
+            fields = await self._r.hgetall(self.base + ":m")
+        else:  # one round trip (`GET /streams` and `/metrics` ask it of every stream)
+            async with self._r.pipeline(transaction=False) as pipe:
+                pipe.hgetall(self.base + ":m")
+                pipe.evalsha(sha, 1, self.base, prefix)
+                fields, counts = await pipe.execute(raise_on_error=False)
+            if isinstance(fields, Exception):
+                raise fields
+        if counts is None or isinstance(counts, Exception):  # (Redis restarted: NOSCRIPT)
+            counts = await self._run(lua.COUNTS, prefix)
+        producers, consumers = counts
         m = {_s(k): v for k, v in fields.items()}
         term = m.get("term")
         state = "open" if not term else "ended" if b'"end"' in term else "failed"

@@ -593,7 +593,7 @@ class RedisStream(SchemaCheck):
 
     async def ainfo(self) -> dict[str, Any]:
         prefix = self.registry.alive_prefix
-        sha = self.registry._shas.get(lua.COUNTS)
+        sha = self.registry.loaded(lua.COUNTS)
         counts: Any = None
         if sha is None:  # the script not loaded yet: two round trips, this once
             fields = await self._r.hgetall(self.base + ":m")
@@ -969,6 +969,10 @@ class RedisRegistry:
             asyncio.create_task(self._refresh(), name="ndrelay-redis-refresh"),
         ]
         self._ready.set()
+
+    def loaded(self, source: str) -> str | None:
+        """The SHA of a script `script` loaded already (to run it in a pipeline), or None."""
+        return self._shas.get(source)
 
     async def script(self, source: str, key: str, *args: Any, client: Any = None) -> Any:
         """Run a Lua script (by its SHA once loaded)."""
